@@ -1,0 +1,847 @@
+"""The one-step generator of Drifting Models: a DiT with the official release's conditioning.
+
+References:
+- Deng et al. 2026, "Generative Modeling via Drifting", Sec. 4 and A.2 (SPEC.md section 5).
+- The authors' JAX release, models/generator.py (DitGen wrapping LightningDiT): every detail the
+  paper leaves open (alpha embedding, register tokens, RoPE layout, SwiGLU width, inits) follows it.
+- Peebles & Xie 2023, DiT (adaLN-zero, patchify, presets); Yao et al. 2025, LightningDiT (SwiGLU,
+  RMSNorm, QK-norm, RoPE).
+
+Noise in, image (or latent) out, one forward pass. The conditioning vector is
+class embedding + sum of 32 "style" embeddings (each one of 64 learned vectors, picked at random)
++ 0.02 * RMSNorm(MLP(sinusoid(alpha))), alpha being the CFG scale. It drives adaLN-zero in every
+block and is also projected into 16 in-context register tokens prepended to the patch tokens.
+"""
+import json
+import math
+import os
+import struct
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+
+def sincos_pos_embed_2d(dim, grid):
+    """(grid*grid, dim) fixed sin-cos table (MAE/DiT): first half encodes the column, second the row."""
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
+        angles = np.outer(pos, omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32), indexing="ij")
+    return np.concatenate([one_axis(dim // 2, cols.reshape(-1)), one_axis(dim // 2, rows.reshape(-1))], axis=1)
+
+
+def rope_tables(seq_len, head_dim, device):
+    """cos/sin tables (T, 1, head_dim) of 1-D rotary embedding over the whole sequence (registers included)."""
+    half = head_dim // 2
+    inv_freq = 1.0 / 10000 ** (torch.arange(half, device=device, dtype=torch.float32) / half)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (T, 1, hd), broadcast over heads
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE on x (B, T, heads, hd), computed in float32 as the official release does."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    return (x32 * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned gain; statistics in float32 so bf16 inputs normalize exactly."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Embedders and blocks
+
+
+class AlphaEmbedder(nn.Module):
+    """CFG scale alpha -> conditioning vector: DiT's timestep embedding (cos|sin of 128 frequencies,
+    then Linear-SiLU-Linear), followed by RMSNorm, as the official release embeds cfg_scale."""
+
+    def __init__(self, cond_dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.norm = RMSNorm(cond_dim)
+
+    def forward(self, alpha):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=alpha.device, dtype=torch.float32) / half)
+        angles = alpha.float()[:, None] * freqs[None]  # (B, half)
+        return self.norm(self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1)))  # (B, Dc)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with fused qkv, RMS QK-norm over each head, and RoPE."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)  # (B, T, H, hd) each
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, T, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class SwiGLU(nn.Module):
+    """silu(x W1) * (x W3) then W2; W1 and W3 run as one matmul (official kernels are concatenated)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden)
+        self.w2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-zero: shift/scale before, zero-started gate after each branch."""
+
+    def __init__(self, dim, num_heads, mlp_hidden, cond_dim):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.mlp = SwiGLU(dim, mlp_hidden)
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
+
+    def forward(self, x, c, rope):
+        # The official release computes the modulation in float32: bf16 shifts and gates lose precision.
+        with torch.autocast(x.device.type, enabled=False):
+            mod = self.adaLN_modulation(F.silu(c))[:, None]  # (B, 1, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, patch_dim, cond_dim):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * dim)
+        self.linear = nn.Linear(dim, patch_dim)
+
+    def forward(self, x, c):
+        with torch.autocast(x.device.type, enabled=False):
+            shift, scale = self.adaLN_modulation(F.silu(c))[:, None].chunk(2, dim=-1)  # (B, 1, D) each
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+# -----------------------------------------------------------------------------
+# The generator
+
+
+class DiT(nn.Module):
+    """Generator f(noise, class, alpha, style) -> sample shaped like noise, in one pass.
+
+    labels in [0, num_classes]; index num_classes is the official null (unconditional) class.
+    cond_dim (the conditioning width) defaults to hidden_size, as in every official config.
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, num_classes=1000, num_register_tokens=16, num_style_tokens=32, style_vocab=64,
+                 cond_dim=None):
+        super().__init__()
+        if input_size % patch_size or hidden_size % num_heads or (hidden_size // num_heads) % 2:
+            raise ValueError(f"need input_size divisible by patch_size and hidden_size by num_heads into an even "
+                             f"head size, got input_size={input_size}, "
+                             f"patch_size={patch_size}, hidden_size={hidden_size}, num_heads={num_heads}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
+        self.num_classes, self.num_register_tokens = num_classes, num_register_tokens
+        self.num_style_tokens, self.style_vocab = num_style_tokens, style_vocab
+        self.cond_dim = cond_dim = cond_dim or hidden_size
+        self.grid = input_size // patch_size
+        self.patch_dim = patch_size * patch_size * in_channels
+        # SwiGLU keeps the MLP's parameter count: 2/3 of the GELU width, rounded up to a multiple of 32.
+        self.mlp_hidden = (int(2 / 3 * int(hidden_size * mlp_ratio)) + 31) // 32 * 32
+
+        self.class_embed = nn.Embedding(num_classes + 1, cond_dim)
+        # Style token i picks row i*style_vocab + index: one table holds all 32 codebooks of 64.
+        self.style_embed = nn.Embedding(num_style_tokens * style_vocab, cond_dim)
+        self.alpha_embed = AlphaEmbedder(cond_dim)
+        self.x_embedder = nn.Linear(self.patch_dim, hidden_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, hidden_size))  # learned, sin-cos start
+        self.register_proj = nn.Linear(cond_dim, hidden_size)
+        self.register_embed = nn.Parameter(torch.zeros(1, num_register_tokens, hidden_size))
+        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, self.mlp_hidden, cond_dim) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, self.patch_dim, cond_dim)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """The official initializers, all in one place."""
+        # Every Linear: Xavier-uniform weight, zero bias (the release's TorchLinear default).
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        # W1 and W3 are separate [D, M] kernels officially: Xavier each half with its own fan-out.
+        for block in self.blocks:
+            for half in block.mlp.w13.weight.chunk(2):
+                nn.init.xavier_uniform_(half)
+        # The alpha MLP is a DiT timestep embedder: N(0, 0.02) weights.
+        for m in self.alpha_embed.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        # Class, style and register embeddings: N(0, 0.02).
+        for w in (self.class_embed.weight, self.style_embed.weight, self.register_embed):
+            nn.init.normal_(w, std=0.02)
+        # Positional embedding starts as the fixed 2-D sin-cos table and is trained from there.
+        self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed_2d(self.hidden_size, self.grid)).float()[None])
+        # adaLN-zero: every modulation and the output projection start at zero, so f(.) = 0 at init.
+        for layer in [b.adaLN_modulation for b in self.blocks] + [self.final_layer.adaLN_modulation,
+                                                                 self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def patchify(self, x):
+        """(B, C, H, W) -> (B, N, p*p*C); each patch vector is ordered (row, column, channel) as officially."""
+        B, C, p, g = x.shape[0], self.in_channels, self.patch_size, self.grid
+        return x.reshape(B, C, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(B, g * g, p * p * C)
+
+    def unpatchify(self, x):
+        """(B, N, p*p*C) -> (B, C, H, W), the inverse of patchify."""
+        B, C, p, g = x.shape[0], self.in_channels, self.patch_size, self.grid
+        return x.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
+
+    def forward(self, noise, labels, alpha, style_idx):
+        """noise (B, C, H, W), labels (B,) long, alpha (B,) float or a scalar, style_idx (B, S) long."""
+        B = noise.shape[0]
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if tuple(noise.shape[1:]) != expected or tuple(style_idx.shape) != (B, self.num_style_tokens):
+            raise ValueError(f"expected noise (B, {', '.join(map(str, expected))}) and style_idx "
+                             f"(B, {self.num_style_tokens}), got {tuple(noise.shape)} and {tuple(style_idx.shape)}")
+        alpha = torch.as_tensor(alpha, dtype=torch.float32, device=noise.device).expand(B)
+        offsets = torch.arange(self.num_style_tokens, device=style_idx.device) * self.style_vocab
+        c = (self.class_embed(labels) + self.style_embed(style_idx + offsets).sum(1)
+             + 0.02 * self.alpha_embed(alpha))  # (B, Dc); the official 0.02, the embeddings' init std
+
+        x = self.x_embedder(self.patchify(noise)) + self.pos_embed  # (B, N, D)
+        registers = self.register_proj(c)[:, None] + self.register_embed  # (B, R, D)
+        x = torch.cat([registers, x], dim=1)  # (B, R + N, D)
+        rope = rope_tables(x.shape[1], self.hidden_size // self.num_heads, x.device)
+        for block in self.blocks:
+            x = block(x, c, rope)
+        x = self.final_layer(x[:, self.num_register_tokens:], c)  # (B, N, p*p*C), registers dropped
+        return self.unpatchify(x)
+
+    @torch.no_grad()
+    def draw_inputs(self, seeds, device=None):
+        """(noise (B, C, H, W), style_idx (B, S)) from one CPU generator per image seed, so image i is the
+        same whatever the batch or rank split. For sampling and evaluation; training may draw on device."""
+        seeds = torch.as_tensor(seeds).reshape(-1).tolist()
+        if not seeds:
+            raise ValueError("draw_inputs needs at least one seed")
+        noise, style = [], []
+        for seed in seeds:
+            gen = torch.Generator().manual_seed(int(seed))
+            noise.append(torch.randn(self.in_channels, self.input_size, self.input_size, generator=gen))
+            style.append(torch.randint(self.style_vocab, (self.num_style_tokens,), generator=gen))
+        device = device or self.pos_embed.device
+        return torch.stack(noise).to(device), torch.stack(style).to(device)
+
+    def flops_per_sample(self):
+        """Forward matmul FLOPs per sample (2 x multiply-accumulates), attention scores and values included.
+        (The paper's "87 GFLOPs" for L/16 counts multiply-accumulates, i.e. half of this.)"""
+        D, Dc, M, P = self.hidden_size, self.cond_dim, self.mlp_hidden, self.patch_dim
+        N = self.grid ** 2
+        T = N + self.num_register_tokens
+        block = T * (3 * D * D + D * D + 3 * D * M) + 2 * T * T * D + Dc * 6 * D
+        macs = (self.depth * block + N * P * D + Dc * D  # blocks, patch embed, register projection
+                + self.alpha_embed.freq_dim * Dc + Dc * Dc + Dc * 2 * D + N * D * P)  # alpha MLP, final layer
+        return 2 * macs
+
+
+def _preset(**defaults):
+    return lambda **kwargs: DiT(**{**defaults, **kwargs})
+
+
+_LATENT = dict(input_size=32, in_channels=4, patch_size=2)  # 32x32x4 SD-VAE latents
+_PIXEL = dict(input_size=256, in_channels=3, patch_size=16)  # 256x256 RGB
+DiT_models = {
+    "B/2": _preset(hidden_size=768, depth=12, num_heads=12, **_LATENT),
+    "L/2": _preset(hidden_size=1024, depth=24, num_heads=16, **_LATENT),
+    "B/16": _preset(hidden_size=768, depth=12, num_heads=12, **_PIXEL),
+    "L/16": _preset(hidden_size=1024, depth=24, num_heads=16, **_PIXEL),
+    "S/2": _preset(hidden_size=384, depth=12, num_heads=6, **_LATENT),  # quick runs
+    "T/2": _preset(hidden_size=64, depth=2, num_heads=2, **{**_LATENT, "input_size": 8}),  # tests
+}
+
+# -----------------------------------------------------------------------------
+# The feature encoder: ResNet-MAE (Sec. 3.4, A.3; official models/mae_model.py)
+#
+# A GroupNorm ResNet ([3, 4, 6, 3] basic blocks, 3x3 stem without downsampling, widths
+# [C, 2C, 4C, 8C]) trained as a masked autoencoder with a small U-Net decoder; only the encoder's
+# multi-scale maps are used by the generator's loss. Every detail the paper leaves open follows the
+# authors' JAX release (models/mae_model.py); module and attribute names follow its Flax tree so that
+# mae_from_official() is a rename plus kernel transposes.
+#
+# Layout: our tensors are NCHW (the official code is NHWC). The encoder runs on a 32x32 grid: latents
+# directly, pixels after an 8x8 patchify (256x256x3 -> 32x32x192).
+
+
+def _mae_groups(channels, max_groups=32):
+    # Official rule: the largest divisor of `channels` that is <= 32. The official decoder's concat
+    # norm hard-codes 32 groups; for the widths it supports (multiples of 32) this rule gives 32 too.
+    groups = min(max_groups, channels)
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
+def _mae_norm(channels):
+    return nn.GroupNorm(_mae_groups(channels), channels, eps=1e-6)  # Flax GroupNorm eps is 1e-6
+
+
+def _mae_conv3x3(in_ch, out_ch, stride=1):
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+
+
+class MAEBasicBlock(nn.Module):
+    """Two 3x3 conv+GN, ReLU between, GN'd 1x1 projection on the skip when the shape changes."""
+
+    def __init__(self, in_ch, out_ch, stride=1):
+        super().__init__()
+        self.conv1 = _mae_conv3x3(in_ch, out_ch, stride)
+        self.gn1 = _mae_norm(out_ch)
+        self.conv2 = _mae_conv3x3(out_ch, out_ch)
+        self.gn2 = _mae_norm(out_ch)
+        self.proj_conv, self.proj_gn = None, None
+        if stride != 1 or in_ch != out_ch:
+            self.proj_conv = nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+            self.proj_gn = _mae_norm(out_ch)
+
+    def forward(self, x):
+        y = self.gn2(self.conv2(F.relu(self.gn1(self.conv1(x)))))
+        if self.proj_conv is not None:
+            x = self.proj_gn(self.proj_conv(x))
+        return F.relu(x + y)
+
+
+class MAEEncoder(nn.Module):
+    """Stem + 4 stages; each stage ends with its own GroupNorm, whose output feeds the next stage."""
+
+    def __init__(self, in_channels, width, layers):
+        super().__init__()
+        self.conv1 = _mae_conv3x3(in_channels, width)  # stride 1: no downsampling in the stem
+        self.gn1 = _mae_norm(width)
+        self.stages, self.norms = nn.ModuleList(), nn.ModuleList()
+        in_ch = width
+        for i, depth in enumerate(layers):
+            out_ch = width * 2 ** i
+            blocks = [MAEBasicBlock(in_ch, out_ch, stride=1 if i == 0 else 2)]
+            blocks += [MAEBasicBlock(out_ch, out_ch) for _ in range(depth - 1)]
+            self.stages.append(nn.Sequential(*blocks))
+            self.norms.append(_mae_norm(out_ch))
+            in_ch = out_ch
+
+    def forward(self, x, every_k=0):
+        """Returns ({conv1, layer1..layer4}, {layer{i}_blk{j}: raw output of block j if every_k divides j})."""
+        feats = {"conv1": F.relu(self.gn1(self.conv1(x)))}  # (B, C, H, W)
+        blocks = {}
+        x = feats["conv1"]
+        for i, (stage, norm) in enumerate(zip(self.stages, self.norms), start=1):
+            for j, block in enumerate(stage, start=1):
+                x = block(x)
+                if every_k and j % every_k == 0:
+                    blocks[f"layer{i}_blk{j}"] = x
+            x = norm(x)
+            feats[f"layer{i}"] = x  # (B, C * 2^(i-1), H / 2^(i-1), W / 2^(i-1))
+        return feats, blocks
+
+
+class MAEConvGNReLU(nn.Module):
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        self.conv = _mae_conv3x3(in_ch, out_ch)
+        self.gn = _mae_norm(out_ch)
+
+    def forward(self, x):
+        return F.relu(self.gn(self.conv(x)))
+
+
+class MAEUpBlock(nn.Module):
+    """Bilinear resize to the skip's size, concat, GN, then two 3x3 conv+GN+ReLU."""
+
+    def __init__(self, in_ch, skip_ch, out_ch):
+        super().__init__()
+        self.concat_norm_fn = _mae_norm(in_ch + skip_ch)
+        self.proj = MAEConvGNReLU(in_ch + skip_ch, out_ch)
+        self.refine = MAEConvGNReLU(out_ch, out_ch)
+
+    def forward(self, x, skip):
+        # Half-pixel bilinear; equals jax.image.resize(method="bilinear") when upsampling.
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.refine(self.proj(self.concat_norm_fn(torch.cat([x, skip], dim=1))))
+
+
+class MAEDecoder(nn.Module):
+    """U-Net decoder (MAE training only): bridge on layer4, then up to layer3, 2, 1 and the stem."""
+
+    def __init__(self, width, out_channels):
+        super().__init__()
+        c = width
+        self.bridge = MAEConvGNReLU(8 * c, 8 * c)
+        self.up43 = MAEUpBlock(8 * c, 4 * c, 4 * c)
+        self.up32 = MAEUpBlock(4 * c, 2 * c, 2 * c)
+        self.up21 = MAEUpBlock(2 * c, c, c)
+        self.up10 = MAEUpBlock(c, c, c)
+        self.head = nn.Conv2d(c, out_channels, 1)  # the only decoder conv with a bias
+
+    def forward(self, feats):
+        x = self.bridge(feats["layer4"])
+        x = self.up43(x, feats["layer3"])
+        x = self.up32(x, feats["layer2"])
+        x = self.up21(x, feats["layer1"])
+        x = self.up10(x, feats["conv1"])
+        return self.head(x)
+
+
+class ResNetMAE(nn.Module):
+    """Masked autoencoder on a (B, in_channels, H, W) image/latent; width is the paper's base width C,
+    mask_patch the side of the hidden patches on the encoder grid (official patch_size)."""
+
+    def __init__(self, in_channels=4, width=256, layers=(3, 4, 6, 3), input_patch_size=1,
+                 num_classes=1000, mask_patch=2):
+        super().__init__()
+        if len(layers) != 4 or min(layers) < 1:
+            raise ValueError(f"layers must be 4 stage depths >= 1, got {layers}")
+        self.in_channels, self.width, self.layers = in_channels, width, tuple(layers)
+        self.input_patch_size, self.num_classes, self.mask_patch = input_patch_size, num_classes, mask_patch
+        grid_channels = in_channels * input_patch_size ** 2  # encoder input channels after patchify
+        self.encoder = MAEEncoder(grid_channels, width, layers)
+        self.decoder = MAEDecoder(width, grid_channels)
+        self.fc = nn.Linear(8 * width, num_classes)  # classifier on the pooled layer4 map
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Flax defaults, as in the official model: every conv/dense kernel lecun_normal (truncated
+        # normal within 2 std, std = sqrt(1 / fan_in) / 0.8796 so the truncated variance is 1/fan_in),
+        # biases (head, fc) zero, GroupNorm scale 1 and bias 0. No zero-init of residual branches.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                std = math.sqrt(1.0 / m.weight[0].numel()) / 0.87962566103423978  # fan_in = in * kh * kw
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ---- input patchify (pixel encoders): 256x256x3 -> 32x32x192 ----
+
+    def input_patchified(self, x):
+        """(B, C, H, W) image -> (B, p*p*C, H/p, W/p) encoder input; channel order (ph, pw, c) as official."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        p = self.input_patch_size
+        B, C, H, W = x.shape
+        if H % p or W % p:
+            raise ValueError(f"H, W must divide by input_patch_size {p}, got {H}x{W}")
+        if p == 1:
+            return x
+        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 3, 5, 1, 2, 4)  # (B, ph, pw, C, h, w)
+        return x.reshape(B, p * p * C, H // p, W // p)
+
+    def unpatchify(self, z):
+        """Inverse of input_patchified: (B, p*p*C, h, w) -> (B, C, h*p, w*p)."""
+        p, C = self.input_patch_size, self.in_channels
+        if p == 1:
+            return z
+        B, _, h, w = z.shape
+        z = z.reshape(B, p, p, C, h, w).permute(0, 3, 4, 1, 5, 2)  # (B, C, h, ph, w, pw)
+        return z.reshape(B, C, h * p, w * p)
+
+    # ---- MAE training ----
+
+    def random_mask(self, z, mask_ratio=0.5, generator=None):
+        """(B, 1, h, w) float mask, 1 = hidden, constant on mask_patch x mask_patch patches.
+
+        Each patch is hidden independently with probability r (not an exact count, as official);
+        r is per sample, uniform in [lo, hi] when mask_ratio is a (lo, hi) pair (the official
+        mask_ratio_min/max), else mask_ratio itself (a float or 0-d tensor, which avoids recompiles).
+        """
+        lo, hi = mask_ratio if isinstance(mask_ratio, (tuple, list)) else (mask_ratio, mask_ratio)
+        B, _, h, w = z.shape
+        m = self.mask_patch
+        if h % m or w % m:
+            raise ValueError(f"encoder grid {h}x{w} must divide by mask_patch {m}")
+        ratio = lo + (hi - lo) * torch.rand(B, 1, 1, generator=generator, device=z.device)  # (B, 1, 1)
+        noise = torch.rand(B, h // m, w // m, generator=generator, device=z.device)
+        mask = (noise < ratio).float()
+        mask = mask.repeat_interleave(m, dim=1).repeat_interleave(m, dim=2)  # (B, h, w)
+        return mask.unsqueeze(1)
+
+    def _masked_forward(self, x, mask_ratio, generator):
+        z = self.input_patchified(x)  # (B, C', h, w)
+        mask = self.random_mask(z, mask_ratio, generator)  # (B, 1, h, w)
+        feats, _ = self.encoder(z * (1.0 - mask))
+        return z, self.decoder(feats), mask, feats
+
+    def reconstruct(self, x, mask_ratio=0.5, generator=None):
+        """(reconstruction, mask) in the image layout of x, for looking at what the MAE learned."""
+        _, recon, mask, _ = self._masked_forward(x, mask_ratio, generator)
+        p = self.input_patch_size
+        return self.unpatchify(recon), mask.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
+
+    def forward(self, x, labels=None, mask_ratio=0.5, lambda_cls=0.0, generator=None):
+        """Loss = lambda_cls * CE + (1 - lambda_cls) * masked L2, averaged over the batch.
+
+        labels=None drops the classifier term (then lambda_cls must be 0 and fc gets no gradient:
+        under DDP pass labels, or use find_unused_parameters).
+        """
+        z, recon, mask, feats = self._masked_forward(x, mask_ratio, generator)
+        # Per-sample squared error summed over the hidden area (all channels) / hidden positions.
+        err = (recon.float() - z.float()).pow(2) * mask
+        recon_loss = err.sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) + 1e-8)  # (B,)
+        if labels is None:
+            if not (isinstance(lambda_cls, (int, float)) and lambda_cls == 0):
+                raise ValueError("lambda_cls > 0 needs labels")
+            cls_loss = accuracy = torch.zeros_like(recon_loss)
+        else:
+            logits = self.fc(feats["layer4"].mean(dim=(2, 3))).float()  # (B, num_classes)
+            cls_loss = F.cross_entropy(logits, labels, reduction="none")
+            accuracy = (logits.argmax(dim=-1) == labels).float()
+        loss = (lambda_cls * cls_loss + (1.0 - lambda_cls) * recon_loss).mean()
+        info = {"recon_loss": recon_loss.mean(), "cls_loss": cls_loss.mean(),
+                "accuracy": accuracy.mean(), "mask_ratio": mask.mean()}
+        return loss, {k: v.detach() for k, v in info.items()}
+
+    # ---- features for the drifting loss ----
+
+    def activations(self, x):
+        """Maps the official get_activations iterates, in its order, each (B, C, H, W):
+        conv1, layer1..layer4 (each after its stage GroupNorm), then the raw output of every 2nd
+        block of each stage, layer{i}_blk{j} (j = 2, 4, ...). layer{i} is the normed last block, so
+        it differs from layer{i}_blk{last}. No masking; gradients flow to x.
+        """
+        feats, blocks = self.encoder(self.input_patchified(x), every_k=2)  # every_k_block 2 in all official configs
+        return {**feats, **blocks}
+
+    def flops_per_sample(self, image_size=None, with_decoder=False):
+        """Forward FLOPs (2 * MACs of convs and linears) per image of side image_size (default: the
+        32x32 grid). Encoder only (what activations() costs) unless with_decoder (MAE training)."""
+        p = self.input_patch_size
+        size = (image_size or 32 * p) // p
+        sizes = [size]  # grid side of the stem and of stages 1..4
+        for _ in range(3):
+            sizes.append((sizes[-1] - 1) // 2 + 1)  # 3x3 stride 2 padding 1 (and 1x1 stride 2)
+
+        def conv(c, side):
+            return 2 * c.in_channels * c.out_channels * c.kernel_size[0] * c.kernel_size[1] * side * side
+
+        flops = conv(self.encoder.conv1, sizes[0])
+        for stage, side in zip(self.encoder.stages, sizes):
+            for b in stage:
+                flops += conv(b.conv1, side) + conv(b.conv2, side)
+                flops += conv(b.proj_conv, side) if b.proj_conv is not None else 0
+        if with_decoder:
+            d = self.decoder
+            flops += conv(d.bridge.conv, sizes[3])
+            for up, side in ((d.up43, sizes[2]), (d.up32, sizes[1]), (d.up21, sizes[0]), (d.up10, sizes[0])):
+                flops += conv(up.proj.conv, side) + conv(up.refine.conv, side)
+            flops += conv(d.head, sizes[0]) + 2 * self.fc.in_features * self.fc.out_features
+        return flops
+
+
+# Presets: the paper's encoders (official configs/mae/*.yaml) plus small ones for tests and quick runs.
+def MAE_latent_256(**kw): return ResNetMAE(**{"in_channels": 4, "width": 256, **kw})
+def MAE_latent_640(**kw): return ResNetMAE(**{"in_channels": 4, "width": 640, **kw})
+def MAE_pixel_256(**kw): return ResNetMAE(**{"in_channels": 3, "width": 256, "input_patch_size": 8, **kw})
+def MAE_pixel_640(**kw): return ResNetMAE(**{"in_channels": 3, "width": 640, "input_patch_size": 8, **kw})
+def MAE_cifar(**kw): return ResNetMAE(**{"in_channels": 3, "width": 128, "num_classes": 10, **kw})
+def MAE_fmnist(**kw): return ResNetMAE(**{"in_channels": 1, "width": 64, "num_classes": 10, **kw})
+def MAE_tiny(**kw): return ResNetMAE(**{"in_channels": 4, "width": 32, "layers": (2, 2, 2, 2), "num_classes": 10, **kw})
+
+
+MAE_models = {
+    "latent_256": MAE_latent_256, "latent_640": MAE_latent_640,
+    "pixel_256": MAE_pixel_256, "pixel_640": MAE_pixel_640,
+    "cifar": MAE_cifar, "fmnist": MAE_fmnist, "tiny": MAE_tiny,
+}
+
+
+# -----------------------------------------------------------------------------
+# Official JAX artifacts: a folder with metadata.json and ema_params.msgpack (flax.serialization).
+
+HF_REPO = "Goodeat/drifting"
+CACHE_DIR = Path(os.environ.get("DRIFTING_CACHE", "~/.cache/drifting")).expanduser()
+_NUMBERS = {0xca: ">f", 0xcb: ">d", 0xcc: ">B", 0xcd: ">H", 0xce: ">I", 0xcf: ">Q",
+            0xd0: ">b", 0xd1: ">h", 0xd2: ">i", 0xd3: ">q"}
+_CONSTANTS = {0xc0: None, 0xc2: False, 0xc3: True}
+_HEADERS = {0xc4: ("bin", ">B"), 0xc5: ("bin", ">H"), 0xc6: ("bin", ">I"), 0xc7: ("ext", ">B"),
+            0xc8: ("ext", ">H"), 0xc9: ("ext", ">I"), 0xd9: ("str", ">B"), 0xda: ("str", ">H"),
+            0xdb: ("str", ">I"), 0xdc: ("array", ">H"), 0xdd: ("array", ">I"), 0xde: ("map", ">H"),
+            0xdf: ("map", ">I")}  # header byte -> (kind, format of the length that follows)
+
+
+def _unpack(buf):
+    """Decode one msgpack object from a memoryview. flax stores arrays as ext type 1 (scalars as 3), whose
+    payload is itself msgpack: (shape, dtype name, raw C-order bytes)."""
+    pos = 0
+
+    def take(n):
+        nonlocal pos
+        pos += n
+        return buf[pos - n:pos]
+
+    def number(fmt):
+        return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
+
+    def obj():
+        b = take(1)[0]
+        if b <= 0x7f or b >= 0xe0:  # positive / negative fixint
+            return b if b <= 0x7f else b - 0x100
+        if b in _NUMBERS:
+            return number(_NUMBERS[b])
+        if b in _CONSTANTS:
+            return _CONSTANTS[b]
+        if b <= 0xbf:  # fixmap, fixarray, fixstr
+            kind, n = ("map", "array", "str", "str")[(b >> 4) - 8], b & (0x1f if b >= 0xa0 else 0x0f)
+        elif b in _HEADERS:
+            kind, n = _HEADERS[b][0], number(_HEADERS[b][1])
+        elif 0xd4 <= b <= 0xd8:  # fixext 1, 2, 4, 8, 16
+            kind, n = "ext", 1 << (b - 0xd4)
+        else:
+            raise ValueError(f"unsupported msgpack byte 0x{b:02x} at offset {pos - 1}")
+        if kind == "map":
+            return {obj(): obj() for _ in range(n)}
+        if kind == "array":
+            return [obj() for _ in range(n)]
+        if kind == "str":
+            return bytes(take(n)).decode("utf-8")
+        if kind == "bin":
+            return take(n)
+        code = number(">b")
+        if code not in (1, 3):  # 1: ndarray, 3: numpy scalar
+            raise ValueError(f"unsupported flax msgpack ext type {code}")
+        shape, dtype, data = _unpack(take(n))
+        if dtype == "bfloat16":  # no numpy dtype: widen the 16 stored bits to float32
+            return (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        return np.frombuffer(data, np.dtype(dtype)).reshape(shape)
+
+    return obj()
+
+
+def _unchunk(tree):
+    """flax splits arrays over 1 GiB into {'__msgpack_chunked_array__', 'shape', 'chunks'}; join them back."""
+    if not isinstance(tree, dict):
+        return tree
+    if tree.get("__msgpack_chunked_array__"):
+        shape = [tree["shape"][str(i)] for i in range(len(tree["shape"]))]
+        return np.concatenate([tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]).reshape(shape)
+    return {k: _unchunk(v) for k, v in tree.items()}
+
+
+def read_msgpack(path):
+    """flax.serialization.msgpack_restore without flax: nested dict of numpy arrays (views of one buffer)."""
+    buf = bytearray(os.path.getsize(path))
+    with open(path, "rb") as f:
+        f.readinto(buf)
+    return _unchunk(_unpack(memoryview(buf)))
+
+
+def flatten(tree, prefix=""):
+    """Nested dict -> {'a/b/c': leaf}, the Flax module path joined with '/'."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(flatten(value, name + "/") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def _download(name):
+    """Fetch models/{gen|mae}/jax/{name}/ from the Hugging Face repo into CACHE_DIR (MAE names start 'mae_')."""
+    folder = f"models/{'mae' if name.startswith('mae_') else 'gen'}/jax/{name}"
+    local = CACHE_DIR / folder
+    local.mkdir(parents=True, exist_ok=True)
+    for file in ("metadata.json", "ema_params.msgpack"):
+        url = f"https://huggingface.co/{HF_REPO}/resolve/main/{folder}/{file}"
+        if not (local / file).is_file():
+            try:
+                urllib.request.urlretrieve(url, local / (file + ".part"))
+            except OSError as err:
+                raise RuntimeError(f"cannot download {url} ({err}). Offline? Copy the folder {folder} of "
+                                   f"huggingface.co/{HF_REPO} here by hand and pass its path.") from err
+            (local / (file + ".part")).rename(local / file)
+    return local
+
+
+def _official_names(model):
+    """(torch name, official Flax keys, 'kernel' or 'concat') for every DiT parameter. Dense kernels are
+    [in, out]: concatenated along out, then transposed to torch's [out, in]; the rest concatenate on axis 0."""
+    def dense(ours, theirs):
+        return [(f"{ours}.weight", [f"{theirs}/Dense_0/kernel"], "kernel"),
+                (f"{ours}.bias", [f"{theirs}/Dense_0/bias"], "concat")]
+
+    L = "LightningDiT_0/"
+    names = [("class_embed.weight", ["Embed_0/embedding"], "concat"),
+             ("style_embed.weight", [f"noise_embeds_{i}/embedding" for i in range(model.num_style_tokens)], "concat"),
+             ("alpha_embed.norm.weight", ["RMSNorm_0/weight"], "concat"),
+             ("pos_embed", [L + "pos_embed"], "concat"), ("register_embed", [L + "cls_embed"], "concat"),
+             ("final_layer.norm.weight", [L + "FinalLayer_0/RMSNorm_0/weight"], "concat"),
+             *dense("alpha_embed.mlp.0", "TimestepEmbedder_0/TorchLinear_0"),
+             *dense("alpha_embed.mlp.2", "TimestepEmbedder_0/TorchLinear_1"),
+             *dense("x_embedder", L + "TorchLinear_0"), *dense("register_proj", L + "TorchLinear_1"),
+             *dense("final_layer.adaLN_modulation", L + "FinalLayer_0/TorchLinear_0"),
+             *dense("final_layer.linear", L + "FinalLayer_0/TorchLinear_1")]
+    for i in range(model.depth):
+        ours, theirs = f"blocks.{i}.", f"{L}blocks_{i}/"
+        ffn = [f"{theirs}SwiGLUFFN_0/TorchLinear_{j}/Dense_0/" for j in (0, 1)]  # W1 (gate), W3 (up)
+        names += [(ours + "norm1.weight", [theirs + "RMSNorm_0/weight"], "concat"),
+                  (ours + "norm2.weight", [theirs + "RMSNorm_1/weight"], "concat"),
+                  (ours + "attn.q_norm.weight", [theirs + "Attention_0/q_norm/weight"], "concat"),
+                  (ours + "attn.k_norm.weight", [theirs + "Attention_0/k_norm/weight"], "concat"),
+                  *dense(ours + "attn.qkv", theirs + "Attention_0/TorchLinear_0"),
+                  *dense(ours + "attn.proj", theirs + "Attention_0/TorchLinear_1"),
+                  (ours + "mlp.w13.weight", [f + "kernel" for f in ffn], "kernel"),
+                  (ours + "mlp.w13.bias", [f + "bias" for f in ffn], "concat"),
+                  *dense(ours + "mlp.w2", theirs + "SwiGLUFFN_0/TorchLinear_2"),
+                  *dense(ours + "adaLN_modulation", theirs + "TorchLinear_0")]
+    return names
+
+
+def dit_from_official(metadata, params):
+    """DiT built from an official generator's metadata.json, with params {'a/b/c': array} mapped in."""
+    cfg = metadata.get("model_config") or {}
+    required = ["input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "cond_dim",
+                "n_cls_tokens", "noise_classes", "noise_coords"]
+    variant = [k for k in ("use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm") if not cfg.get(k)]
+    same_channels = cfg.get("out_channels", cfg.get("in_channels")) == cfg.get("in_channels")
+    if any(k not in cfg for k in required) or variant or not same_channels:
+        raise ValueError(f"not a generator this DiT implements: model_config needs {required}, QK-norm, SwiGLU, "
+                         f"RoPE, RMSNorm and out_channels == in_channels; got {cfg}")
+    model = DiT(input_size=cfg["input_size"], patch_size=cfg["patch_size"], in_channels=cfg["in_channels"],
+                hidden_size=cfg["hidden_size"], depth=cfg["depth"], num_heads=cfg["num_heads"],
+                mlp_ratio=cfg.get("mlp_ratio", 4.0), num_classes=cfg.get("num_classes", 1001) - 1,
+                num_register_tokens=cfg["n_cls_tokens"], cond_dim=cfg["cond_dim"],
+                num_style_tokens=cfg["noise_coords"] if cfg["noise_classes"] else 0,
+                style_vocab=max(cfg["noise_classes"], 1))  # noise_classes 0: the no-style ablation
+    names = _official_names(model)
+    wanted = {key for _, keys, _ in names for key in keys}
+    missing, unexpected = sorted(wanted - params.keys()), sorted(params.keys() - wanted)
+    state = {}
+    if not missing and not unexpected:
+        for ours, keys, how in names:
+            # the no-style ablation has zero codebooks: an empty (0, cond_dim) table
+            arrays = [params[k] for k in keys] or [np.zeros((0, model.cond_dim), np.float32)]
+            value = np.concatenate(arrays, axis=1 if how == "kernel" else 0)
+            state[ours] = torch.from_numpy(np.ascontiguousarray(value.T if how == "kernel" else value))
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"checkpoint does not match the generator its metadata describes: {len(missing)} missing "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+                         f"{len(wrong)} of wrong shape (e.g. {wrong[:3]})")
+    model.load_state_dict(state)
+    return model
+
+
+def _mae_flax_path(module_name):
+    """Torch module name -> official Flax path: stages.i.j -> stages_i/layers_j, norms.i -> layer{i+1}_norm."""
+    parts = module_name.split(".")
+    if "stages" in parts:
+        k = parts.index("stages")
+        parts[k:k + 3] = [f"stages_{parts[k + 1]}", f"layers_{parts[k + 2]}"]
+    if "norms" in parts:
+        k = parts.index("norms")
+        parts[k:k + 2] = [f"layer{int(parts[k + 1]) + 1}_norm"]
+    return "/".join(parts)
+
+
+def mae_from_official(metadata, params):
+    """ResNetMAE from an official MAE artifact: metadata.json dict and the nested param dict of numpy
+    arrays (ema_params.msgpack, with or without a top-level 'params'). Every tensor must map."""
+    config = dict(metadata.get("model_config", {}) or {})
+    unknown = set(config) - {"base_channels", "layers", "in_channels", "input_patch_size", "patch_size",
+                             "num_classes", "dropout_prob", "use_bf16"}
+    if unknown:
+        raise ValueError(f"unknown MAE model_config keys: {sorted(unknown)}")
+    params = params.get("params", params)
+    flat = flatten(params)
+    # Defaults are those of the official MAEResNetJAX, which _mae_from_metadata relies on. The
+    # released metadata omits num_classes, so read it off the fc kernel. dropout_prob (0 in every
+    # config) and use_bf16 do not change the weights: we run in eval and use autocast instead.
+    fc_kernel = flat.get("fc/kernel")
+    num_classes = fc_kernel.shape[1] if fc_kernel is not None else config.get("num_classes", 1000)
+    with torch.device("meta"):  # skip the random init of up to 2.7B weights; all get replaced
+        model = ResNetMAE(in_channels=config.get("in_channels", 3), width=config.get("base_channels", 64),
+                          layers=tuple(config.get("layers", (2, 2, 2, 2))),
+                          input_patch_size=config.get("input_patch_size", 1),
+                          num_classes=int(num_classes), mask_patch=config.get("patch_size", 4))
+    state, missing, bad_shape = {}, [], []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            leaves = {"weight": ("kernel", lambda a: a.transpose(3, 2, 0, 1)), "bias": ("bias", None)}  # HWIO -> OIHW
+        elif isinstance(module, nn.Linear):
+            leaves = {"weight": ("kernel", lambda a: a.T), "bias": ("bias", None)}  # (in, out) -> (out, in)
+        elif isinstance(module, nn.GroupNorm):
+            leaves = {"weight": ("scale", None), "bias": ("bias", None)}
+        else:
+            continue
+        for torch_leaf, (flax_leaf, convert) in leaves.items():
+            if getattr(module, torch_leaf, None) is None:
+                continue
+            key = f"{_mae_flax_path(name)}/{flax_leaf}"
+            if key not in flat:
+                missing.append(key)
+                continue
+            array = np.asarray(flat.pop(key), dtype=np.float32)
+            array = convert(array) if convert else array
+            target = getattr(module, torch_leaf)
+            if tuple(array.shape) != tuple(target.shape):
+                bad_shape.append(f"{key}: {array.shape} vs {tuple(target.shape)}")
+            state[f"{name}.{torch_leaf}"] = torch.from_numpy(np.array(array, order="C"))  # own, writable copy
+    if missing or flat or bad_shape:
+        raise ValueError(f"official MAE params do not match the model: missing {missing}, "
+                         f"unmapped {sorted(flat)}, wrong shapes {bad_shape}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def load_official(path_or_name):
+    """Official artifact folder (or a name such as 'latent_L_sota', 'hf://mae_latent_640', downloaded once into
+    ~/.cache/drifting) -> DiT or ResNetMAE in eval mode, every parameter mapped."""
+    path = Path(path_or_name)
+    if not path.exists():
+        path = _download(str(path_or_name).removeprefix("hf://"))
+    if (path / "params_ema").is_dir():  # a training run folder: the artifact sits in params_ema/
+        path = path / "params_ema"
+    if not (path / "metadata.json").is_file() or not (path / "ema_params.msgpack").is_file():
+        raise ValueError(f"expected an official artifact folder with metadata.json and ema_params.msgpack, got {path}")
+    metadata = json.loads((path / "metadata.json").read_text())
+    tree = read_msgpack(path / "ema_params.msgpack")
+    tree = tree.get("params", tree)  # EMA trees are saved with or without the 'params' level
+    kind = metadata.get("kind")
+    if kind == "gen":
+        return dit_from_official(metadata, flatten(tree)).eval()
+    if kind == "mae":
+        return mae_from_official(metadata, tree).eval()
+    raise ValueError(f"metadata.json kind must be 'gen' or 'mae', got {kind!r} in {path}")

