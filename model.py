@@ -133,9 +133,9 @@ class Block(nn.Module):
         self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
 
     def forward(self, x, c, rope):
-        # The official release computes the modulation in float32: bf16 shifts and gates lose precision.
+        # The official release computes the modulation in float32, then casts it to the stream's dtype.
         with torch.autocast(x.device.type, enabled=False):
-            mod = self.adaLN_modulation(F.silu(c))[:, None]  # (B, 1, 6D)
+            mod = self.adaLN_modulation(F.silu(c))[:, None].to(x.dtype)  # (B, 1, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -150,7 +150,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         with torch.autocast(x.device.type, enabled=False):
-            shift, scale = self.adaLN_modulation(F.silu(c))[:, None].chunk(2, dim=-1)  # (B, 1, D) each
+            shift, scale = self.adaLN_modulation(F.silu(c))[:, None].to(x.dtype).chunk(2, dim=-1)  # (B, 1, D) each
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -246,6 +246,8 @@ class DiT(nn.Module):
         x = self.x_embedder(self.patchify(noise)) + self.pos_embed  # (B, N, D)
         registers = self.register_proj(c)[:, None] + self.register_embed  # (B, R, D)
         x = torch.cat([registers, x], dim=1)  # (B, R + N, D)
+        if torch.is_autocast_enabled(x.device.type):  # a bf16 residual stream, as the official use_bf16 models
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         rope = rope_tables(x.shape[1], self.hidden_size // self.num_heads, x.device)
         for block in self.blocks:
             x = block(x, c, rope)

@@ -1,0 +1,161 @@
+"""
+Time one generator training step of train.py at the paper's ablation shape, per GPU, and each of its parts.
+
+    python bench_train.py            # DiT-B/2 + latent-MAE width 256, 8 classes x (64 gen, 64 pos, 16 unc) per GPU
+    python bench_train.py --small    # CPU smoke run with the tiny test models
+
+The ablation batch (Table 8) is N_c = 64 classes of 64 generated samples, 4096 in all; on 8 GPUs each owns
+8 classes (512 generated, 640 real samples), the default here. The whole step is train.py's: generator
+forward, drift_objective (encoder on the reals without autograd, on the generated samples with it; feature
+sets; drift loss), backward, clip, fused AdamW, EMA. The inputs are synthetic: the queue draws and data
+fetches of train.py (small next to the step for on-GPU data) are not timed. MFU counts the model FLOPs
+train.py logs (generator 3x forward, encoder 2x forward on generated and 1x on real samples); the drift
+loss's matmuls are shown separately.
+"""
+import argparse
+import time
+from contextlib import nullcontext
+
+import torch
+
+import drift
+from model import DiT_models, MAE_models
+from train import drift_objective, encoder_features, peak_flops
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--model", default="B/2", help="DiT_models key")
+parser.add_argument("--encoder", default="latent_256", help="MAE_models key")
+parser.add_argument("--nc", type=int, default=8, help="classes on this GPU")
+parser.add_argument("--n_pos", type=int, default=64)
+parser.add_argument("--n_neg", type=int, default=64)
+parser.add_argument("--n_unc", type=int, default=16)
+parser.add_argument("--iters", type=int, default=10, help="timed iterations per measurement")
+parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation)")
+parser.add_argument("--small", action="store_true", help="tiny models on the CPU, a smoke run")
+parser.add_argument("--no_compile", action="store_true")
+args = parser.parse_args()
+if args.small:
+    args.model, args.encoder, args.nc, args.n_pos, args.n_neg, args.n_unc = "T/2", "tiny", 2, 4, 4, 2
+    args.iters, args.warmup = 2, 1
+
+device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+use_compile = device.type == "cuda" and not args.no_compile
+maybe_compile = (lambda f: torch.compile(f, dynamic=False)) if use_compile else (lambda f: f)
+sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+torch.manual_seed(0)
+
+gen = DiT_models[args.model](**({"input_size": 32} if args.small else {})).to(device)
+enc = MAE_models[args.encoder](in_channels=gen.in_channels).eval().requires_grad_(False)
+enc = enc.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+ema = [p.detach().clone() for p in gen.parameters()]
+opt = torch.optim.AdamW(gen.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=device.type == "cuda")
+nc, n_gen, n_real = args.nc, args.nc * args.n_neg, args.nc * (args.n_pos + args.n_unc)
+shape = (gen.in_channels, gen.input_size, gen.input_size)
+noise, x_real = torch.randn(n_gen, *shape, device=device), torch.randn(n_real, *shape, device=device)
+labels = torch.arange(nc, device=device).repeat_interleave(args.n_neg)
+alpha = drift.sample_alpha(nc, 3.0, device=device)
+alpha_g = alpha.repeat_interleave(args.n_neg)
+style = torch.randint(gen.style_vocab, (n_gen, gen.num_style_tokens), device=device)
+
+# As train.py: generator and encoder features compiled, the drift loss eager (compiled with the encoder,
+# its ~90 feature sets x 3 temperatures make a ~16k-node graph that takes many minutes to compile).
+gen_c = maybe_compile(gen)
+features = maybe_compile(lambda x: encoder_features(enc, x))
+objective = lambda x, xr, a: drift_objective(  # noqa: E731
+    x, xr, a, features, args.n_pos, args.n_unc, (0.02, 0.05, 0.2))
+
+
+def timed(fn):
+    for _ in range(args.warmup):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.iters):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / args.iters
+
+
+def train_step():  # as train.py's loop body
+    with autocast:
+        loss, _ = objective(gen_c(noise, labels, alpha_g, style), x_real, alpha)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(gen.parameters(), 2.0)
+    opt.step()
+    torch._foreach_lerp_(ema, list(gen.parameters()), 0.001)
+
+
+def generator_fwd_bwd():
+    with autocast:
+        x = gen_c(noise, labels, alpha_g, style)
+    x.float().square().mean().backward()
+
+
+def encoder_real():
+    with torch.no_grad(), autocast:
+        features(x_real)
+
+
+x_in = torch.randn(n_gen, *shape, device=device, requires_grad=True)
+
+
+def encoder_gen_fwd_bwd_to_input():
+    with autocast:
+        f = features(x_in)
+    sum(v.float().mean() for v in f.values()).backward()
+
+
+with torch.no_grad(), autocast:  # fixed features for the drift loss alone
+    f_gen = {k: v.float().unflatten(0, (nc, -1)).requires_grad_() for k, v in features(noise).items()}
+    f_real = {k: v.float().unflatten(0, (nc, -1)) for k, v in features(x_real).items()}
+f_pos = {k: v[:, :args.n_pos] for k, v in f_real.items()}
+f_unc = {k: v[:, args.n_pos:] for k, v in f_real.items()}
+w_unc = drift.cfg_weight(alpha, args.n_neg, args.n_unc)[:, None].expand(nc, args.n_unc)
+
+
+def drift_loss_fwd_bwd():
+    loss, _ = drift.feature_drift_loss(f_gen, f_pos, f_unc, w_unc)
+    loss.backward()
+
+
+def optimizer_clip_ema():
+    torch.nn.utils.clip_grad_norm_(gen.parameters(), 2.0)
+    opt.step()
+    torch._foreach_lerp_(ema, list(gen.parameters()), 0.001)
+
+
+# FLOPs: matmuls only (2 x MACs). The drift loss: per feature set (G groups of L locations x classes,
+# D dims, N_neg gen against N_neg + N_unc + N_pos targets) one distance matmul plus one force matmul
+# per temperature.
+F_gen, F_enc = gen.flops_per_sample(), enc.flops_per_sample()
+flops = {"generator fwd+bwd (3x)": 3 * n_gen * F_gen, "encoder on real, fwd": n_real * F_enc,
+         "encoder on gen, fwd+bwd to input (2x)": 2 * n_gen * F_enc}
+n_targets = args.n_neg + args.n_unc + args.n_pos
+flops["drift loss (not in MFU)"] = sum(2 * v.shape[0] * v.shape[2] * args.n_neg * n_targets * v.shape[3] * 4
+                                       for v in f_gen.values())
+model_flops = sum(v for k, v in flops.items() if "not in MFU" not in k)
+
+phases = {"generator fwd+bwd (3x)": generator_fwd_bwd, "encoder on real, fwd": encoder_real,
+          "encoder on gen, fwd+bwd to input (2x)": encoder_gen_fwd_bwd_to_input,
+          "drift loss (not in MFU)": drift_loss_fwd_bwd, "optimizer + clip + EMA": optimizer_clip_ema}
+if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+step_time = timed(train_step)
+memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+times = {name: timed(fn) for name, fn in phases.items()}
+
+peak = peak_flops(device)
+name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+print(f"{name}: {args.model} generator + MAE {args.encoder}, {nc} classes x ({args.n_neg} gen, {args.n_pos} pos, "
+      f"{args.n_unc} unc) = {n_gen} generated, {n_real} real samples; compile {use_compile}")
+print(f"{'part':40s} {'GFLOP':>10s} {'ms':>9s} {'TFLOP/s':>9s}")
+for part, t in times.items():
+    f = flops.get(part, 0)
+    print(f"{part:40s} {f / 1e9:10.1f} {1e3 * t:9.2f} {f / t / 1e12:9.1f}")
+print(f"{'sum of parts':40s} {'':10s} {1e3 * sum(times.values()):9.2f}")
+print(f"{'whole step':40s} {model_flops / 1e9:10.1f} {1e3 * step_time:9.2f} {model_flops / step_time / 1e12:9.1f}")
+mfu = f"{100 * model_flops / step_time / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 dense" if peak else "n/a"
+print(f"{n_gen / step_time:.0f} generated img/s per GPU | MFU {mfu} | peak memory {memory:.1f} GiB")

@@ -1,0 +1,356 @@
+"""
+The drifting field and the drifting loss of "Generative Modeling via Drifting" (Deng et al. 2026).
+
+compute_V          Algorithm 2 of the paper: the mean-shift field V_{p,q}(x) on raw coordinates.
+drift_loss         the loss as the official release computes it (drift_loss.py): one distance scale per
+                   call, temperatures relative to it, per-temperature force normalization, summed.
+feature_sets       the vectors drifted in feature space (Sec. 3.4, A.5): per location, global and 2x2 /
+                   4x4 patch means and stds of every encoder map, plus norm_x and the raw output.
+feature_drift_loss one drift_loss per feature name, classes x locations folded into the group axis.
+cfg_weight, sample_alpha   classifier-free guidance (Sec. 3.5, A.7) as the official train_step does it.
+
+`python drift.py` runs the 2D toy of Figures 3-4 on the CPU and writes toy.png.
+"""
+import math
+
+import torch
+
+TEMPERATURES = (0.02, 0.05, 0.2)
+
+
+def _cdist(x, y):
+    # Batched L2 distance through one matmul: (G, N, D) x (G, M, D) -> (G, N, M), no (G, N, M, D) difference.
+    # Clamped at 1e-8 like the official, so rounding below 0 or a zero distance stays finite under sqrt.
+    # Squared norms by reductions (no (G, M, D) temporary); in place, as every caller runs without autograd.
+    x_sq = torch.linalg.vector_norm(x, dim=-1).square()
+    y_sq = torch.linalg.vector_norm(y, dim=-1).square()
+    sq = torch.baddbmm(y_sq.unsqueeze(1), x, y.transpose(1, 2), alpha=-2.0)
+    return sq.add_(x_sq.unsqueeze(2)).clamp_min_(1e-8).sqrt_()
+
+
+def _affinity(logits, min_affinity=0.0):
+    # sqrt(softmax over y * softmax over x) of logits (..., N, M) in one pass: exp(l - lse_y / 2 - lse_x / 2),
+    # written into logits. Clamping at a is the official sqrt(clip(product, a^2)).
+    lse_y, lse_x = logits.logsumexp(-1, keepdim=True), logits.logsumexp(-2, keepdim=True)
+    A = logits.sub_(lse_y.mul_(0.5)).sub_(lse_x.mul_(0.5)).exp_()
+    return A.clamp_min_(min_affinity) if min_affinity > 0 else A
+
+
+@torch.no_grad()
+def compute_V(x, y_pos, y_neg, T, mask_self=True):
+    """Alg. 2: V = W_pos @ y_pos - W_neg @ y_neg for x (N, D) or (G, N, D); y_neg is usually x itself.
+    V sits inside the stop-gradient, so it is computed without autograd."""
+    if x.dim() not in (2, 3) or y_pos.dim() != x.dim() or y_neg.dim() != x.dim():
+        raise ValueError(f"expected x, y_pos, y_neg all (N, D) or all (G, N, D), got "
+                         f"{tuple(x.shape)}, {tuple(y_pos.shape)}, {tuple(y_neg.shape)}")
+    if mask_self and y_neg.shape[-2] != x.shape[-2]:
+        raise ValueError(f"mask_self needs y_neg to be x's own samples, got {y_neg.shape[-2]} vs {x.shape[-2]}")
+    single = x.dim() == 2
+    if single:
+        x, y_pos, y_neg = x[None], y_pos[None], y_neg[None]
+    dist_pos, dist_neg = _cdist(x, y_pos), _cdist(x, y_neg)  # (G, N, Np), (G, N, Nn)
+    if mask_self:  # a sample never repels itself
+        dist_neg.diagonal(dim1=1, dim2=2).add_(1e6)
+    A = _affinity(torch.cat([dist_pos, dist_neg], dim=-1) / -T)  # (G, N, Np + Nn)
+    A_pos, A_neg = A.split([y_pos.shape[1], y_neg.shape[1]], dim=-1)
+    W_pos = A_pos * A_neg.sum(-1, keepdim=True)
+    W_neg = A_neg * A_pos.sum(-1, keepdim=True)
+    V = W_pos @ y_pos - W_neg @ y_neg  # (G, N, D)
+    return V[0] if single else V
+
+
+@torch.no_grad()
+def _drift_step(targets, w, Ng, Nn, temperatures, reduce, attraction, repulsion, softmax):
+    """
+    The frozen drift of drift_loss. targets (G, Nt, D) = [gen | neg | pos], w (G, Nt) their weights.
+    Returns the step goal - gen (G, Ng, D) in input coordinates, the coordinate scale s (gen~ = gen / s), the
+    distance scale and each temperature's force mean square (K,). All temperatures are computed at once, stacked
+    on a second axis (K).
+    """
+    G, Nt, D = targets.shape
+    K = len(temperatures)
+    dist = _cdist(targets[:, :Ng], targets)  # (G, Ng, Nt)
+
+    # One scale per call: the weighted mean distance over every group (and rank, via reduce).
+    stats = torch.stack([(dist.sum(1) * w).sum() / dist.numel(), w.mean()])
+    if reduce is not None:
+        stats = reduce(stats)
+    scale = stats[0] / stats[1]
+    scale_in = (scale / math.sqrt(D)).clamp_min(1e-3)  # rescaled coordinates have mean distance sqrt(D)
+    scale_dist = scale.clamp_min(1e-3)  # temperatures are relative to the mean distance
+    dist[:, :, :Ng].diagonal(dim1=1, dim2=2).add_(100.0 * scale_dist)  # the self pair: +100 after scaling, as official
+    inv_T = torch.stack([-1.0 / T / scale_dist for T in temperatures])  # (K,), on the device: no host copy
+    logits = dist.unsqueeze(1) * inv_T[:, None, None]  # (G, K, Ng, Nt)
+    del dist
+
+    if softmax == "both":
+        A = _affinity(logits, min_affinity=1e-3)
+    else:  # Table 11 ablation "y only": the plain row softmax (the paper gives no clamp for it)
+        A = logits.softmax(-1)
+    A.mul_(w[:, None, None, :])  # weights enter after the sqrt
+    # Coefficients in place: C_pos = a A_pos * rowsum(A_neg), and -C_neg = -b A_neg * rowsum(A_pos), so that the
+    # force C_pos @ pos - C_neg @ [gen | neg] is one matmul with the targets.
+    A_neg, A_pos = A[..., :Ng + Nn], A[..., Ng + Nn:]
+    sum_neg, sum_pos = A_neg.sum(-1, keepdim=True), A_pos.sum(-1, keepdim=True)  # (G, K, Ng, 1)
+    A_neg.mul_(sum_pos * -repulsion)
+    A_pos.mul_(sum_neg * attraction)
+    if attraction != repulsion:
+        # The official subtracts (row sum of coefficients) * x, making the force a sum of (y - x) terms. That row
+        # sum is (a - b) rowsum(A_pos) rowsum(A_neg): zero for the paper's a = b, else folded into the self pair's
+        # coefficient (x is one of the targets). Table 1's a V+ - b V- ablation.
+        A[..., :Ng].diagonal(dim1=-2, dim2=-1).sub_(((attraction - repulsion) * sum_pos * sum_neg).squeeze(-1))
+    force = torch.bmm(A.view(G, K * Ng, Nt), targets).view(G, K, Ng, D)
+
+    # Each temperature's force divided by its RMS over the whole call (in rescaled coordinates), then summed.
+    # Sum of squares per group first (contiguous, pairwise-accurate reductions), then over groups.
+    mean_sq = torch.linalg.vector_norm(force, dim=(2, 3)).square().sum(0) / (G * Ng * D) / scale_in.square()  # (K,)
+    if reduce is not None:
+        mean_sq = reduce(mean_sq)
+    step = torch.matmul(mean_sq.clamp_min(1e-8).rsqrt(), force.view(G, K, Ng * D))  # (G, Ng * D)
+    return step.view(G, Ng, D), scale_in, scale, mean_sq
+
+
+class _Regression(torch.autograd.Function):
+    """
+    mean over (Ng, D) of (gen~ - stopgrad(gen~ + step~))^2 for gen (*B, Ng, D), step (*B, Ng, D) in input coordinates
+    and ~ = / s, without forming the goal: the value is mean(step~^2) and d / d gen = -2 step~ / (s Ng D).
+    """
+
+    @staticmethod
+    def forward(ctx, gen, step, scale_in):
+        ctx.save_for_backward(step, scale_in)
+        n = step.shape[-2] * step.shape[-1]
+        return torch.linalg.vector_norm(step, dim=(-2, -1)).square() / (n * scale_in.square())  # (*B)
+
+    @staticmethod
+    def backward(ctx, grad):
+        step, scale_in = ctx.saved_tensors
+        n = step.shape[-2] * step.shape[-1]
+        return step * (grad[..., None, None] * (-2.0 / n) / scale_in.square()), None, None
+
+
+def _loss(gen, pos, neg, w_gen, w_pos, w_neg, temperatures, reduce, attraction, repulsion, softmax):
+    # drift_loss for groups of any shape B: gen (*B, Ng, D), pos (*B, Np, D), neg (*B, Nn, D) or None, w_* (*B, N*)
+    # or None; the inputs may be strided views. Returns loss (*B) and the log scalars (formatted by _info, outside,
+    # so that this function compiles into one graph).
+    *B, Ng, D = gen.shape
+    Nn, Np = 0 if neg is None else neg.shape[-2], pos.shape[-2]
+    with torch.autocast(gen.device.type, enabled=False):  # distances need float32 even under bf16
+        gen = gen.float()
+        sg = gen.detach()
+        # Targets [gen | neg | pos] in one contiguous buffer (the copy also folds strided inputs into groups),
+        # centred on each group's mean generated sample: the field is translation invariant, and centring keeps
+        # the distance and force matmuls accurate (TF32 included) for features far from the origin.
+        targets = sg.new_empty(*B, Ng + Nn + Np, D)
+        targets[..., :Ng, :] = sg
+        if neg is not None:
+            targets[..., Ng:Ng + Nn, :] = neg.detach()
+        targets[..., Ng + Nn:, :] = pos.detach()
+        targets.sub_(sg.mean(-2, keepdim=True))  # (*B, Nt, D)
+        ones = lambda n: sg.new_ones(*B, n)  # noqa: E731
+        w = torch.cat([ones(Ng) if w_gen is None else w_gen.float(), ones(Nn) if w_neg is None else w_neg.float(),
+                       ones(Np) if w_pos is None else w_pos.float()], dim=-1)  # (*B, Nt)
+        step, scale_in, scale, mean_sq = _drift_step(targets.view(-1, Ng + Nn + Np, D), w.reshape(-1, Ng + Nn + Np),
+                                                     Ng, Nn, temperatures, reduce, attraction, repulsion, softmax)
+        loss = _Regression.apply(gen, step.view(*B, Ng, D), scale_in)  # the gradient reaches gen only here
+    return loss, scale, mean_sq
+
+
+def _info(scale, mean_sq, temperatures):
+    return {"scale": scale, **{f"drift_{T:g}": mean_sq[k] for k, T in enumerate(temperatures)}}
+
+
+def _check(gen, pos, neg, weights, temperatures, softmax, layout, what=""):
+    # Cheap shape checks, one ValueError that says what was expected. gen, pos, neg share every dim but the
+    # sample dim 1; each weight has its samples' first two dims.
+    got = ", ".join(f"{k} {tuple(t.shape)}" for k, t in (("gen", gen), ("pos", pos), ("neg", neg)) if t is not None)
+    sets = [t for t in (gen, pos, neg) if t is not None]
+    if any(t.dim() != layout.count(",") + 1 for t in sets):
+        raise ValueError(f"{what}expected gen, pos and neg as {layout}, got {got}")
+    if any(t.shape[:1] + t.shape[2:] != gen.shape[:1] + gen.shape[2:] for t in sets):
+        raise ValueError(f"{what}expected gen, pos and neg {layout} to differ only in N, got {got}")
+    if gen.shape[1] == 0 or pos.shape[1] == 0:
+        raise ValueError(f"{what}expected at least one generated and one positive sample, got {got}")
+    for name, (w, x) in weights.items():
+        if w is not None and (x is None or w.shape != x.shape[:2]):
+            expected = "no weights without neg" if x is None else f"shape {tuple(x.shape[:2])}"
+            raise ValueError(f"{what}expected {name} of {expected}, got {tuple(w.shape)}")
+    if len(temperatures) == 0:
+        raise ValueError("expected at least one temperature")
+    if softmax not in ("both", "y"):
+        raise ValueError(f"expected softmax 'both' or 'y', got {softmax!r}")
+
+
+def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
+               temperatures=TEMPERATURES, reduce=None, attraction=1.0, repulsion=1.0, softmax="both"):
+    """
+    Drifting loss per group, as the official drift_loss.py.
+    gen (G, Ng, D) generated samples, also the negatives; pos (G, Np, D); neg (G, Nn, D) extra negatives
+    (CFG's unconditional reals); w_* (G, N*) weights in the kernel and in the distance scale (default 1).
+    reduce: optional callable t -> mean of t over DDP ranks (t is a small float32 tensor; every rank must
+    call drift_loss with the same shapes), applied to the batch-wide statistics (distance scale numerator and
+    denominator, per-temperature force mean squares) so that N ranks equal one big batch.
+    Returns loss (G,) = mean over (Ng, D) of (gen~ - stopgrad(goal~))^2, i.e. of the summed normalized drift
+    squared, and a dict of 0-dim tensors: 'scale' (weighted mean distance) and 'drift_T' (mean square of the
+    raw force at temperature T, in rescaled coordinates).
+    Ablations only: attraction a and repulsion b give a V+ - b V- (Table 1); softmax="y" normalizes the
+    kernel over the targets only (Table 11).
+    """
+    _check(gen, pos, neg, {"w_gen": (w_gen, gen), "w_pos": (w_pos, pos), "w_neg": (w_neg, neg)},
+           temperatures, softmax, "(G, N, D)")
+    loss, scale, mean_sq = _loss(gen, pos, neg, w_gen, w_pos, w_neg, temperatures, reduce, attraction, repulsion,
+                                 softmax)
+    return loss, _info(scale, mean_sq, temperatures)
+
+
+def _std(x, dim):
+    # Population std with the official's epsilon inside the sqrt.
+    return (x.var(dim=dim, unbiased=False) + 1e-6).sqrt()
+
+
+def feature_sets(maps, x=None, raw=None):
+    """
+    The vector sets drifted in feature space, name -> (B, L, C), from encoder maps name -> (B, C, H, W):
+    per-location vectors (name), global mean/std (name_mean, name_std), 2x2 and 4x4 patch means/stds
+    (name_mean_2, name_std_2, name_mean_4, name_std_4) where H and W divide, as the official
+    get_activations. x: the patchified encoder input (B, C0, H0, W0), gives 'norm_x' (B, 1, C0).
+    raw: the generator output (B, ...), gives 'global' (B, 1, numel / B): the official's vanilla drift.
+    """
+    out = {}
+    if raw is not None:
+        out["global"] = raw.float().reshape(raw.shape[0], 1, -1)
+    if x is not None:
+        out["norm_x"] = (x.float().pow(2).mean(dim=(2, 3)) + 1e-6).sqrt()[:, None, :]
+    for name, fmap in maps.items():
+        if fmap.dim() != 4:
+            raise ValueError(f"expected map {name} as (B, C, H, W), got {tuple(fmap.shape)}")
+        fmap = fmap.float()
+        B, C, H, W = fmap.shape
+        out[name] = fmap.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        out[f"{name}_mean"] = fmap.mean(dim=(2, 3))[:, None, :]
+        out[f"{name}_std"] = _std(fmap.flatten(2), dim=2)[:, None, :]
+        for s in (2, 4):
+            if H % s == 0 and W % s == 0:
+                # (B, C, H/s, s, W/s, s) -> patches (B, L, C, s*s), locations row-major
+                patches = fmap.reshape(B, C, H // s, s, W // s, s).permute(0, 2, 4, 1, 3, 5)
+                patches = patches.reshape(B, (H // s) * (W // s), C, s * s)
+                out[f"{name}_mean_{s}"] = patches.mean(-1)
+                out[f"{name}_std_{s}"] = _std(patches, dim=-1)
+    return out
+
+
+def feature_drift_loss(gen, pos, neg=None, w_neg=None, temperatures=TEMPERATURES, reduce=None,
+                       attraction=1.0, repulsion=1.0, softmax="both"):
+    """
+    Sum over feature names of the mean drift_loss. gen/pos/neg: dicts name -> (Nc, N*, L, C), classes first;
+    w_neg (Nc, Nn) the per-class CFG weight. Each location is its own drift problem, but all classes and
+    locations of one name share one call, so one distance scale and one force normalization (as official).
+    attraction, repulsion, softmax: the ablations of drift_loss.
+    """
+    total, info = 0.0, {}
+    for name, g in gen.items():
+        if name not in pos or (neg is not None and name not in neg):
+            raise ValueError(f"feature {name} is in gen but missing from pos or neg")
+        p, n = pos[name], None if neg is None else neg[name]
+        _check(g, p, n, {"w_neg": (w_neg, n)}, temperatures, softmax, "(Nc, N, L, C)", f"feature {name}: ")
+        # Every (class, location) is its own group: (Nc, N, L, C) -> (Nc, L, N, C) views, folded by _loss's copy.
+        w = None if w_neg is None else w_neg[:, None, :].expand(g.shape[0], g.shape[2], -1)  # (Nc, L, Nn)
+        loss, scale, mean_sq = _loss(g.transpose(1, 2), p.transpose(1, 2), None if n is None else n.transpose(1, 2),
+                                     None, None, w, temperatures, reduce, attraction, repulsion, softmax)
+        loss = loss.mean()
+        total = total + loss
+        info[f"loss/{name}"] = loss.detach()
+        info.update({f"{k}/{name}": v for k, v in _info(scale, mean_sq, temperatures).items()})
+    return total, info
+
+
+def cfg_weight(alpha, n_gen, n_unc):
+    """Weight of each unconditional negative so the target is alpha p(.|c) - (alpha - 1) p(.) (Sec. 3.5)."""
+    return (alpha - 1) * (n_gen - 1) / max(1, n_unc)  # n_gen - 1: a sample's own pair is masked
+
+
+def sample_alpha(n, power, lo=1.0, hi=4.0, p_one=0.0, generator=None, device=None):
+    """n CFG scales with density ~ alpha^-power on [lo, hi] (inverse CDF), a share p_one set to exactly 1."""
+    u = torch.rand(n, generator=generator, device=device)
+    e = 1.0 - power
+    if abs(e) < 1e-6:  # power 1: log-uniform
+        alpha = lo * torch.exp(u * math.log(hi / lo))
+    else:
+        alpha = (lo ** e + u * (hi ** e - lo ** e)) ** (1.0 / e)
+    one = torch.rand(n, generator=generator, device=device) < p_one
+    return torch.where(one, torch.ones_like(alpha), alpha)
+
+
+# --- 2D toy (Sec. 5.1, Fig. 3-4): a small MLP generator drifted onto a bimodal p with compute_V. ---
+TOY_MODES = ((-0.5, 0.0), (0.5, 0.0))
+TOY_STARTS = {"between": (0.0, 0.0), "far": (-0.9, 0.9), "collapsed": (0.5, 0.0)}
+
+
+def toy_target(n, generator=None):
+    # p: two Gaussian blobs (std 0.1) in raw coordinates within [-1, 1], as the authors' toy demo.
+    modes = torch.tensor(TOY_MODES)
+    which = torch.randint(0, len(modes), (n,), generator=generator)
+    return modes[which] + 0.1 * torch.randn(n, 2, generator=generator)
+
+
+def train_toy(start, steps=500, batch=1024, lr=1e-2, T=0.05, seed=0, snapshots=()):
+    """Train an MLP generator from a small blob at `start`; returns (samples at snapshot steps, ||V||^2 curve)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 128), torch.nn.SiLU(), torch.nn.Linear(128, 128),
+                              torch.nn.SiLU(), torch.nn.Linear(128, 2))
+    with torch.no_grad():  # q starts as a blob of about a mode's width (std ~0.1) at `start`
+        net[-1].weight.mul_(2.0)
+        net[-1].bias.copy_(torch.tensor(start))
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    # Cosine decay to zero: q settles instead of jittering around p, so the last ||V||^2 nears the minibatch floor.
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    shots, curve = {}, []
+    for step in range(steps + 1):
+        x = net(torch.randn(batch, 16, generator=g))
+        if step in snapshots:
+            shots[step] = x.detach().clone()
+        if step == steps:
+            break
+        V = compute_V(x, toy_target(batch, g), x, T)  # computed without autograd
+        loss = (x - (x + V).detach()).pow(2).sum(-1).mean()  # value = mean ||V||^2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        curve.append(loss.item())
+    return shots, curve
+
+
+if __name__ == "__main__":
+    from PIL import Image, ImageDraw
+
+    torch.set_num_threads(1)  # small ops: one thread avoids OpenMP sync cost, notably on a shared CPU
+    snaps, cell = (0, 50, 150, 500), 200
+    img = Image.new("RGB", (cell * (len(snaps) + 1), cell * len(TOY_STARTS) + 20), "white")
+    draw = ImageDraw.Draw(img)
+    to_px = lambda v: (v + 1.1) / 2.2 * cell  # noqa: E731  [-1.1, 1.1] -> pixels
+    ref = toy_target(1000, torch.Generator().manual_seed(1))
+    for row, (name, start) in enumerate(TOY_STARTS.items()):
+        shots, curve = train_toy(start, steps=max(snaps), snapshots=snaps)
+        print(f"{name:10s} ||V||^2 first {curve[0]:.2e} last {curve[-1]:.2e}")
+        y0 = 20 + row * cell
+        for col, step in enumerate(snaps):
+            x0 = col * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], outline="gray")
+            for pts, color in ((ref, (120, 120, 220)), (shots[step][:1000], (230, 120, 20))):
+                for px, py in pts.tolist():
+                    u, v = x0 + to_px(px), y0 + cell - to_px(py)
+                    draw.rectangle([u, v, u + 1, v + 1], fill=color)
+            draw.text((x0 + 4, y0 + 4), f"{name} step {step}", fill="black")
+        # ||V||^2 on a log scale, each curve normalised to its own range
+        x0, logs = len(snaps) * cell, torch.tensor(curve).clamp_min(1e-12).log10()
+        lo, hi = logs.min().item(), logs.max().item()
+        pts = [(x0 + 10 + i / len(logs) * (cell - 20), y0 + 10 + (hi - l) / max(hi - lo, 1e-9) * (cell - 30))
+               for i, l in enumerate(logs.tolist())]
+        draw.line(pts, fill="black")
+        draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], outline="gray")
+        draw.text((x0 + 4, y0 + cell - 14), f"log ||V||^2: {hi:.1f} -> {logs[-1].item():.1f}", fill="black")
+    draw.text((4, 4), "drifting toy: p (blue) vs q (orange); right: ||V||^2 per step", fill="black")
+    img.save("toy.png")
+    print("wrote toy.png")

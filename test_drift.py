@@ -1,0 +1,367 @@
+"""Tests of drift.py: closed-form facts of the field, the loss against a float64 re-implementation of the
+official formula, the feature sets, the CFG helpers and the 2D toy. CPU, seconds."""
+import itertools
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from drift import (cfg_weight, compute_V, drift_loss, feature_drift_loss, feature_sets, sample_alpha,
+                   train_toy, TOY_MODES, TOY_STARTS)
+
+torch.set_num_threads(1)  # tiny ops; one thread is fastest on a shared CPU
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_drift_loss(gen, pos, neg, w_gen, w_pos, w_neg, temperatures, a=1.0, b=1.0, softmax="both"):
+    """The official drift_loss written out in float64 numpy: explicit differences, loop over temperatures."""
+    gen, pos, neg, w_gen, w_pos, w_neg = (np.asarray(t, dtype=np.float64)
+                                          for t in (gen, pos, neg, w_gen, w_pos, w_neg))
+    G, Ng, D = gen.shape
+    Nn = neg.shape[1]
+    targets = np.concatenate([gen, neg, pos], axis=1)
+    tw = np.concatenate([w_gen, w_neg, w_pos], axis=1)
+    dist = np.sqrt(np.maximum(((gen[:, :, None, :] - targets[:, None, :, :]) ** 2).sum(-1), 1e-8))
+    scale = (dist * tw[:, None, :]).mean() / tw.mean()
+    scale_in = max(scale / math.sqrt(D), 1e-3)
+    gen_s, targets_s = gen / scale_in, targets / scale_in
+    dist_n = dist / max(scale, 1e-3)
+    dist_n[:, np.arange(Ng), np.arange(Ng)] += 100.0
+    total, drift_ms = np.zeros_like(gen_s), {}
+    for T in temperatures:
+        logits = -dist_n / T
+        row = np.exp(logits - logits.max(-1, keepdims=True))
+        row /= row.sum(-1, keepdims=True)
+        col = np.exp(logits - logits.max(-2, keepdims=True))
+        col /= col.sum(-2, keepdims=True)
+        A = (np.sqrt(np.maximum(row * col, 1e-6)) if softmax == "both" else row) * tw[:, None, :]
+        A_neg, A_pos = A[..., :Ng + Nn], A[..., Ng + Nn:]
+        sum_neg, sum_pos = A_neg.sum(-1, keepdims=True), A_pos.sum(-1, keepdims=True)
+        coeff = np.concatenate([-b * A_neg * sum_pos, a * A_pos * sum_neg], axis=-1)
+        force = np.einsum("biy,byx->bix", coeff, targets_s) - coeff.sum(-1)[..., None] * gen_s
+        drift_ms[T] = (force ** 2).mean()
+        total += force / math.sqrt(max(drift_ms[T], 1e-8))
+    goal = gen_s + total
+    return ((gen_s - goal) ** 2).mean(axis=(1, 2)), goal, scale_in, scale, drift_ms
+
+
+def loss_inputs(G=3, Ng=5, Np=4, Nn=3, D=6):
+    gen, pos, neg = randn(G, Ng, D, seed=1), randn(G, Np, D, seed=2) + 0.5, randn(G, Nn, D, seed=3) * 2
+    g = torch.Generator().manual_seed(4)
+    w_gen, w_pos = 0.5 + torch.rand(G, Ng, generator=g), 0.5 + torch.rand(G, Np, generator=g)
+    w_neg = torch.rand(G, Nn, generator=g)
+    return gen, pos, neg, w_gen, w_pos, w_neg
+
+
+def test_V_shape():
+    # V has the shape of x, unbatched and batched
+    assert compute_V(randn(7, 3), randn(5, 3), randn(7, 3), 0.1).shape == (7, 3)
+    assert compute_V(randn(2, 7, 3), randn(2, 5, 3), randn(2, 7, 3), 0.1).shape == (2, 7, 3)
+
+
+def test_V_antisymmetric():
+    # swapping p and q flips the sign of V (disjoint sets, no self mask)
+    x, p, q = randn(20, 3, seed=1), randn(30, 3, seed=2) + 1, randn(25, 3, seed=3)
+    V_pq = compute_V(x, p, q, 0.5, mask_self=False)
+    V_qp = compute_V(x, q, p, 0.5, mask_self=False)
+    torch.testing.assert_close(V_pq, -V_qp)
+
+
+def test_V_zero_for_identical_distributions():
+    # p = q gives a drift far smaller than a shifted p does (zero up to sampling noise)
+    x, p = randn(2000, 2, seed=1), randn(2000, 2, seed=2)
+    same = compute_V(x, p, x, 0.5).norm(dim=-1).mean()
+    shifted = compute_V(x, p + 1.0, x, 0.5).norm(dim=-1).mean()
+    assert same < 0.05 * shifted
+
+
+def test_V_batched_equals_loop():
+    # the batched field equals the field of each group computed alone
+    x, p, q = randn(4, 9, 3, seed=1), randn(4, 6, 3, seed=2), randn(4, 9, 3, seed=3)
+    V = compute_V(x, p, q, 0.2)
+    torch.testing.assert_close(V, torch.stack([compute_V(x[g], p[g], q[g], 0.2) for g in range(4)]))
+
+
+def test_V_self_pair_masked():
+    # with mask_self, a sample's own negative entry has no influence on its drift
+    x, p = randn(8, 2, seed=1), randn(10, 2, seed=2)
+    y_neg = x.clone()
+    y_neg[3] += 5.0
+    torch.testing.assert_close(compute_V(x, p, y_neg, 0.3)[3], compute_V(x, p, x, 0.3)[3])
+    unmasked = lambda y: compute_V(x, p, y, 0.3, mask_self=False)[3]  # noqa: E731
+    assert not torch.allclose(unmasked(y_neg), unmasked(x))  # the perturbation matters without the mask
+
+
+def test_drift_loss_matches_official_formula():
+    # loss, scale and per-temperature drift equal a float64 re-implementation of the official drift_loss
+    gen, pos, neg, w_gen, w_pos, w_neg = loss_inputs()
+    loss, info = drift_loss(gen, pos, neg, w_gen, w_pos, w_neg)
+    ref_loss, _, _, ref_scale, ref_ms = reference_drift_loss(gen, pos, neg, w_gen, w_pos, w_neg, (0.02, 0.05, 0.2))
+    np.testing.assert_allclose(loss.numpy(), ref_loss, rtol=1e-4)
+    np.testing.assert_allclose(info["scale"].item(), ref_scale, rtol=1e-5)
+    for T in (0.02, 0.05, 0.2):
+        np.testing.assert_allclose(info[f"drift_{T:g}"].item(), ref_ms[T], rtol=1e-4)
+
+
+def test_drift_loss_matches_official_formula_at_feature_width():
+    # at a real group size (64 gen, 64 pos, 16 neg, 256 dims) the float32 loss and drift stay within 1e-5 of float64
+    gen, pos, neg, w_gen, w_pos, w_neg = loss_inputs(G=4, Ng=64, Np=64, Nn=16, D=256)
+    loss, info = drift_loss(gen, pos, neg, w_gen, w_pos, w_neg)
+    ref_loss, _, _, _, ref_ms = reference_drift_loss(gen, pos, neg, w_gen, w_pos, w_neg, (0.02, 0.05, 0.2))
+    np.testing.assert_allclose(loss.numpy(), ref_loss, rtol=1e-5)
+    for T in (0.02, 0.05, 0.2):
+        np.testing.assert_allclose(info[f"drift_{T:g}"].item(), ref_ms[T], rtol=1e-5)
+
+
+@pytest.mark.parametrize("c", [0.5, 1000.0])
+def test_loss_invariant_to_feature_scale(c):
+    # scaling gen, pos and neg by one constant leaves the loss unchanged (distance and coordinate normalization),
+    # while distances stay far above the official's absolute floor (the 1e-8 clamp of squared distances)
+    gen, pos, neg, w_gen, w_pos, w_neg = loss_inputs()
+    loss, _ = drift_loss(gen, pos, neg, w_gen, w_pos, w_neg)
+    scaled, _ = drift_loss(c * gen, c * pos, c * neg, w_gen, w_pos, w_neg)
+    torch.testing.assert_close(scaled, loss, rtol=1e-5, atol=0)
+
+
+def test_loss_invariant_to_feature_offset():
+    # adding one vector to gen, pos and neg leaves the loss unchanged: the field is translation invariant, and the
+    # targets are centred before the distance matmul, so an offset 100x the spread costs no float32 precision
+    gen, pos, neg, w_gen, w_pos, w_neg = loss_inputs()
+    offset = 100.0 * randn(1, 1, gen.shape[2], seed=5)
+    loss, _ = drift_loss(gen, pos, neg, w_gen, w_pos, w_neg)
+    moved, _ = drift_loss(gen + offset, pos + offset, neg + offset, w_gen, w_pos, w_neg)
+    torch.testing.assert_close(moved, loss, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("a, b, softmax", [(2.0, 1.0, "both"), (1.0, 1.5, "both"), (1.0, 1.0, "y")])
+def test_drift_loss_ablations_match_formula(a, b, softmax):
+    # Table 1 / 11 ablations: a V+ - b V- and the y-only softmax, against the float64 formula
+    gen, pos, neg, w_gen, w_pos, w_neg = loss_inputs()
+    loss, _ = drift_loss(gen, pos, neg, w_gen, w_pos, w_neg, attraction=a, repulsion=b, softmax=softmax)
+    ref_loss = reference_drift_loss(gen, pos, neg, w_gen, w_pos, w_neg, (0.02, 0.05, 0.2), a, b, softmax)[0]
+    np.testing.assert_allclose(loss.numpy(), ref_loss, rtol=1e-4)
+
+
+def test_drift_loss_without_negatives_matches_official_formula():
+    # neg=None and default weights equal the official with no extra negatives and unit weights
+    gen, pos = randn(2, 6, 4, seed=1), randn(2, 3, 4, seed=2)
+    loss, _ = drift_loss(gen, pos)
+    ones = lambda n: np.ones((2, n))  # noqa: E731
+    ref_loss = reference_drift_loss(gen, pos, np.zeros((2, 0, 4)), ones(6), ones(3), ones(0), (0.02, 0.05, 0.2))[0]
+    np.testing.assert_allclose(loss.numpy(), ref_loss, rtol=1e-4)
+
+
+def test_loss_equals_normalized_drift_norm():
+    # with one temperature the normalized drift has unit mean square, and the loss is its squared norm
+    gen, pos, neg, w_gen, w_pos, w_neg = loss_inputs()
+    loss, _ = drift_loss(gen, pos, neg, w_gen, w_pos, w_neg, temperatures=(0.05,))
+    assert abs(loss.mean().item() - 1.0) < 1e-5
+
+
+def test_gradient_only_through_prediction():
+    # d loss / d gen = 2 (gen~ - goal~) / (scale_in Ng D): the goal is a constant
+    gen, pos, neg, w_gen, w_pos, w_neg = loss_inputs()
+    gen.requires_grad_(True)
+    loss, _ = drift_loss(gen, pos, neg, w_gen, w_pos, w_neg)
+    loss.sum().backward()
+    _, goal, scale_in, _, _ = reference_drift_loss(gen.detach(), pos, neg, w_gen, w_pos, w_neg, (0.02, 0.05, 0.2))
+    G, Ng, D = gen.shape
+    expected = 2 * (gen.detach().double().numpy() / scale_in - goal) / (scale_in * Ng * D)
+    np.testing.assert_allclose(gen.grad.numpy(), expected, rtol=1e-3, atol=1e-7)
+
+
+def test_drift_loss_float32_under_bf16_autocast():
+    # under bf16 autocast the loss is computed in float32 from the (bf16) inputs
+    gen, pos, neg, *_ = loss_inputs()
+    gen, pos, neg = gen.bfloat16(), pos.bfloat16(), neg.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = drift_loss(gen, pos, neg)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, drift_loss(gen.float(), pos.float(), neg.float())[0])
+
+
+def make_fake_allreduce(world):
+    """reduce callables for `world` threads acting as ranks: each call averages the ranks' tensors."""
+    barrier, slots = threading.Barrier(world), {}
+
+    def for_rank(rank):
+        calls = itertools.count()
+
+        def reduce(t):
+            k = next(calls)
+            slots[k, rank] = t.clone()
+            barrier.wait()
+            out = sum(slots[k, r] for r in range(world)) / world
+            barrier.wait()
+            return out
+        return reduce
+    return for_rank
+
+
+def test_reduce_two_ranks_equal_full_batch():
+    # two ranks with a mean all-reduce give exactly the loss of the full batch on one process
+    gen, pos, neg, w_gen, w_pos, w_neg = loss_inputs(G=4)
+    pos[2:] += 3.0  # make the halves' statistics differ, so the split without reduce would not match
+    full, full_info = drift_loss(gen, pos, neg, w_gen, w_pos, w_neg)
+    for_rank, results = make_fake_allreduce(2), {}
+
+    def run(rank):
+        half = slice(2 * rank, 2 * rank + 2)
+        results[rank] = drift_loss(gen[half], pos[half], neg[half], w_gen[half], w_pos[half], w_neg[half],
+                                   reduce=for_rank(rank))
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    split = torch.cat([results[0][0], results[1][0]])
+    no_reduce = torch.cat([drift_loss(gen[h], pos[h], neg[h], w_gen[h], w_pos[h], w_neg[h])[0]
+                           for h in (slice(0, 2), slice(2, 4))])
+    assert not torch.allclose(no_reduce, full, rtol=1e-3)
+    torch.testing.assert_close(split, full)
+    torch.testing.assert_close(results[1][1]["scale"], full_info["scale"])
+
+
+def test_feature_sets_shapes():
+    # every map gives locations, global and patch statistics; patch sizes only where H, W divide
+    maps = {"a": randn(2, 5, 8, 8), "b": randn(2, 3, 6, 6)}
+    sets = feature_sets(maps, x=randn(2, 4, 8, 8), raw=randn(2, 4, 8, 8))
+    shapes = {k: tuple(v.shape) for k, v in sets.items()}
+    assert shapes == {
+        "global": (2, 1, 256), "norm_x": (2, 1, 4),
+        "a": (2, 64, 5), "a_mean": (2, 1, 5), "a_std": (2, 1, 5),
+        "a_mean_2": (2, 16, 5), "a_std_2": (2, 16, 5), "a_mean_4": (2, 4, 5), "a_std_4": (2, 4, 5),
+        "b": (2, 36, 3), "b_mean": (2, 1, 3), "b_std": (2, 1, 3), "b_mean_2": (2, 9, 3), "b_std_2": (2, 9, 3),
+    }
+
+
+def test_feature_sets_values():
+    # 2x2 patch means/stds, locations and norm_x of a known 4x4 map
+    fmap = torch.arange(16.0).view(1, 1, 4, 4)
+    sets = feature_sets({"f": fmap}, x=torch.full((1, 2, 4, 4), 2.0))
+    torch.testing.assert_close(sets["f_mean_2"][0, :, 0], torch.tensor([2.5, 4.5, 10.5, 12.5]))
+    torch.testing.assert_close(sets["f_std_2"][0, :, 0], torch.full((4,), math.sqrt(4.25 + 1e-6)))
+    torch.testing.assert_close(sets["f"][0, :, 0], torch.arange(16.0))
+    torch.testing.assert_close(sets["f_mean_4"], sets["f_mean"])
+    torch.testing.assert_close(sets["norm_x"], torch.full((1, 1, 2), math.sqrt(4.0 + 1e-6)))
+
+
+def feature_inputs(Nc=2, Ng=4, Np=3, Nn=2):
+    shapes = {"loc": (4, 5), "mean": (1, 3)}  # name -> (L, C)
+    gen = {k: randn(Nc, Ng, L, C, seed=i) for i, (k, (L, C)) in enumerate(shapes.items())}
+    pos = {k: randn(Nc, Np, L, C, seed=10 + i) for i, (k, (L, C)) in enumerate(shapes.items())}
+    neg = {k: randn(Nc, Nn, L, C, seed=20 + i) for i, (k, (L, C)) in enumerate(shapes.items())}
+    return gen, pos, neg, torch.tensor([[0.0, 0.0], [1.5, 1.5]])
+
+
+def sum_of_group_losses(gen, pos, neg, w_neg, **ablation):
+    # feature_drift_loss written as a loop: every (class, location) stacked as a group of drift_loss
+    total = 0.0
+    for k, g in gen.items():
+        Nc, _, L, _ = g.shape
+        groups = lambda t: torch.stack([t[c, :, l] for c in range(Nc) for l in range(L)])  # noqa: E731
+        w = torch.stack([w_neg[c] for c in range(Nc) for _ in range(L)])
+        total = total + drift_loss(groups(g), groups(pos[k]), groups(neg[k]), w_neg=w, **ablation)[0].mean()
+    return total
+
+
+def test_feature_drift_loss_equals_sum_of_drift_losses():
+    # the feature loss is the sum over names of drift_loss with every (class, location) its own group
+    gen, pos, neg, w_neg = feature_inputs()
+    total, _ = feature_drift_loss(gen, pos, neg, w_neg)
+    torch.testing.assert_close(total, sum_of_group_losses(gen, pos, neg, w_neg))
+
+
+def test_feature_drift_loss_passes_ablations():
+    # attraction, repulsion and softmax reach drift_loss: same value as the loop with them, not the default's
+    gen, pos, neg, w_neg = feature_inputs()
+    ablation = {"attraction": 1.5, "repulsion": 1.0, "softmax": "y"}
+    total, _ = feature_drift_loss(gen, pos, neg, w_neg, **ablation)
+    torch.testing.assert_close(total, sum_of_group_losses(gen, pos, neg, w_neg, **ablation))
+    assert not torch.allclose(total, feature_drift_loss(gen, pos, neg, w_neg)[0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_feature_drift_loss_takes_feature_sets_views(memory_format):
+    # the strided (Nc, N, L, C) views that feature_sets makes of conv maps give the loss of contiguous copies
+    maps = {"a": randn(12, 5, 4, 4).to(memory_format=memory_format)}
+    sets = {k: v.unflatten(0, (2, 6)) for k, v in feature_sets(maps).items()}  # 2 classes of 6 samples
+    gen, pos = {k: v[:, :4] for k, v in sets.items()}, {k: v[:, 4:] for k, v in sets.items()}
+    contiguous = lambda d: {k: v.contiguous() for k, v in d.items()}  # noqa: E731
+    torch.testing.assert_close(feature_drift_loss(gen, pos)[0], feature_drift_loss(contiguous(gen), contiguous(pos))[0])
+
+
+def test_cfg_weight_closed_form():
+    # alpha = ((n_gen - 1) + n_unc w) / (n_gen - 1), so alpha = 1 gives w = 0
+    alpha = torch.tensor([1.0, 1.5, 4.0])
+    w = cfg_weight(alpha, n_gen=64, n_unc=16)
+    assert w[0] == 0
+    torch.testing.assert_close((63 + 16 * w) / 63, alpha)
+
+
+def test_sample_alpha_range_and_p_one():
+    # draws lie in [1, 4] and a share p_one is exactly 1
+    alpha = sample_alpha(100_000, power=3.0, p_one=0.5, generator=torch.Generator().manual_seed(0))
+    assert alpha.min() >= 1.0 and alpha.max() <= 4.0
+    assert abs((alpha == 1.0).float().mean().item() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("power, mean", [(3.0, 1.6), (5.0, (1 - 4.0 ** -3) / 3 / ((1 - 4.0 ** -4) / 4)),
+                                         (1.0, 3.0 / math.log(4.0))])
+def test_sample_alpha_density(power, mean):
+    # the empirical mean matches that of density ~ alpha^-power on [1, 4] (power 1: log-uniform)
+    alpha = sample_alpha(100_000, power=power, generator=torch.Generator().manual_seed(0))
+    assert abs(alpha.mean().item() - mean) < 0.01
+
+
+@pytest.fixture(scope="module")
+def collapsed_toy():
+    # one toy run from the collapsed start (q on the right mode), shared by the two toy tests; ~3 s
+    shots, curve = train_toy(TOY_STARTS["collapsed"], steps=400, batch=512, snapshots=(0, 400))
+    left = {s: (torch.cdist(x, torch.tensor(TOY_MODES)).argmin(1) == 0).float().mean().item() for s, x in shots.items()}
+    return left, torch.tensor(curve)
+
+
+def test_toy_collapsed_start_covers_both_modes(collapsed_toy):
+    # q started on one mode spreads to cover both modes of p (no mode collapse): each holds 35-65% of the samples
+    left, _ = collapsed_toy
+    assert left[0] < 0.05 and 0.35 < left[400] < 0.65
+
+
+def test_toy_drift_norm_falls_tenfold_from_peak(collapsed_toy):
+    # ||V||^2 (10-step moving average) falls at least 10x from its peak to the mean of the last 30 steps.
+    # Measured from the peak, NOT from the start, where it does not hold: a q collapsed onto one mode matches p's
+    # shape there, so its field starts near the minibatch noise floor (at T = 0.05 the kernel barely reaches the
+    # other mode). ||V||^2 rises while the first steps spread q across the gap, then falls as q settles on both
+    # modes. The loss log of the authors' toy notebook rises then falls the same way (7.5e-6, 2.9e-4, 1.6e-5).
+    _, curve = collapsed_toy
+    assert curve.unfold(0, 10, 1).mean(1).max() > 10 * curve[-30:].mean()
+
+
+def feature(*shape):
+    return {"f": randn(*shape)}
+
+
+@pytest.mark.parametrize("call", [
+    lambda: drift_loss(randn(2, 4, 3), randn(2, 5, 4)),  # D of pos differs from gen's
+    lambda: drift_loss(randn(2, 4, 3), randn(2, 5, 3), randn(2, 2, 4)),  # D of neg differs
+    lambda: drift_loss(randn(2, 4, 3), randn(3, 4, 3)),  # group counts differ
+    lambda: drift_loss(randn(2, 4, 3), randn(2, 0, 3)),  # no positives
+    lambda: drift_loss(randn(4, 3), randn(2, 5, 3)),  # 2-D gen where (G, Ng, D) is needed
+    lambda: drift_loss(randn(2, 4, 3), randn(5, 3)),  # 2-D pos
+    lambda: drift_loss(randn(2, 4, 3), randn(2, 5, 3), randn(2, 2, 3), w_neg=torch.ones(2, 3)),  # w_neg != (G, Nn)
+    lambda: drift_loss(randn(2, 4, 3), randn(2, 5, 3), w_gen=torch.ones(4)),  # 1-D w_gen
+    lambda: drift_loss(randn(2, 4, 3), randn(2, 5, 3), w_neg=torch.ones(2, 2)),  # w_neg without neg
+    lambda: feature_drift_loss(feature(2, 4, 3), feature(2, 5, 3)),  # 3-D features where (Nc, N, L, C) is needed
+    lambda: feature_drift_loss(feature(2, 4, 6, 3), feature(2, 5, 6, 4)),  # feature C differs
+    lambda: feature_drift_loss(feature(2, 4, 6, 3), feature(2, 0, 6, 3)),  # no positives
+    lambda: feature_drift_loss(feature(2, 4, 6, 3), feature(2, 5, 6, 3), feature(2, 2, 6, 3), torch.ones(2, 6)),
+    lambda: compute_V(randn(4, 3), randn(2, 5, 3), randn(4, 3), 0.1),  # ranks differ
+])
+def test_bad_shapes_raise(call):
+    # bad input is rejected with a ValueError that says what was expected
+    with pytest.raises(ValueError, match="expected"):
+        call()

@@ -1,0 +1,196 @@
+"""Tests of train.py on the CPU: tiny models, tiny synthetic data written as real Fashion-MNIST IDX files."""
+import gzip
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from train import SampleQueue
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_GEN = ["--stage", "gen", "--dataset", "fmnist", "--model", "T/2", "--nc", "2", "--n_pos", "4", "--n_neg", "4",
+            "--n_unc", "2", "--warmup", "2", "--log_every", "1", "--sample_every", "0", "--ckpt_every", "2"]
+
+
+def write_idx(path, array):
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory):
+    """20 train and 5 test images per class, each class a different brightness."""
+    root = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 200), ("t10k", 50)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 60, (n, 28, 28)) + 15 * labels[:, None, None]
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
+    return str(root)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny CPU models: a second thread only fights the other processes on a shared machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mae_ckpt(fmnist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mae")
+    train.main(["--stage", "mae", "--dataset", "fmnist", "--data", fmnist, "--model", "tiny", "--steps", "2",
+                "--batch_size", "8", "--warmup", "1", "--log_every", "1", "--out", str(out)])
+    return str(out / "ckpt.pt")
+
+
+def run_gen(fmnist, mae_ckpt, out, *extra):
+    return train.main([*TINY_GEN, "--data", fmnist, "--encoder", mae_ckpt, "--out", str(out), *extra])
+
+
+def file_hash(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_queue_draw_has_no_duplicates_and_stays_in_class():
+    # each row of a draw is n distinct items, all of the drawn class
+    q = SampleQueue(3, 8, "cpu")
+    ids = torch.arange(24)
+    q.push(ids, ids % 3)
+    rows = q.draw(torch.tensor([0, 1, 2, 2]), 8, torch.Generator().manual_seed(0))
+    assert all(len(set(r.tolist())) == 8 and set(r.remainder(3).tolist()) == {c} for r, c in zip(rows, [0, 1, 2, 2]))
+
+
+def test_queue_evicts_oldest_first():
+    # after 21 pushes into a queue of 8 (one push larger than the queue), it holds exactly the newest 8
+    q = SampleQueue(1, 8, "cpu")
+    for chunk in (torch.arange(0, 3), torch.arange(3, 15), torch.arange(15, 21)):
+        q.push(chunk, torch.zeros_like(chunk))
+    assert sorted(q.draw(torch.tensor([0]), 8, torch.Generator())[0].tolist()) == list(range(13, 21))
+
+
+def test_queue_draws_only_filled_slots():
+    # a queue holding 3 items draws exactly those 3
+    q = SampleQueue(2, 8, "cpu")
+    q.push(torch.tensor([5, 6, 7]), torch.tensor([1, 1, 1]))
+    assert sorted(q.draw(torch.tensor([1]), 3, torch.Generator())[0].tolist()) == [5, 6, 7]
+
+
+def test_preset_sets_defaults_and_flags_win():
+    # a preset replaces the stage defaults, and an explicit flag replaces the preset
+    args = train.get_args(["--stage", "gen", "--preset", "fmnist", "--lr", "1e-3"])
+    assert (args.model, args.nc, args.encoder, args.lr) == ("S/2", 10, "runs/fmnist_mae/ckpt.pt", 1e-3)
+
+
+def test_mae_stage_writes_checkpoint(mae_ckpt):
+    # a few MAE steps leave a stage-mae checkpoint with finite EMA weights
+    ckpt = torch.load(mae_ckpt, weights_only=True)
+    assert ckpt["args"]["stage"] == "mae" and ckpt["step"] == 2
+    assert all(v.isfinite().all() for v in ckpt["ema"][0.9995].values())
+
+
+def test_gen_stage_writes_grid(fmnist, mae_ckpt, tmp_path):
+    # a few generator steps write a checkpoint and a sample grid
+    run_gen(fmnist, mae_ckpt, tmp_path, "--steps", "2", "--sample_every", "2")
+    assert os.path.exists(tmp_path / "ckpt.pt") and os.path.exists(tmp_path / "grid_000002.png")
+
+
+def test_resume_is_exact(fmnist, mae_ckpt, tmp_path):
+    # 4 steps straight equal 2 steps + resume + 2 steps, bit for bit (weights, EMA, queue)
+    straight = run_gen(fmnist, mae_ckpt, tmp_path / "a", "--steps", "4", "--ckpt_every", "4")
+    run_gen(fmnist, mae_ckpt, tmp_path / "b", "--steps", "2")
+    resumed = run_gen(fmnist, mae_ckpt, tmp_path / "b", "--steps", "4", "--resume", str(tmp_path / "b" / "ckpt.pt"))
+    assert all(torch.equal(p, q) for p, q in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert all(torch.equal(a["ema"][0.999][k], b["ema"][0.999][k]) for k in a["ema"][0.999])
+    assert torch.equal(a["queue"]["class"]["ids"], b["queue"]["class"]["ids"])
+
+
+def test_two_process_gloo_run_stays_in_sync(fmnist, mae_ckpt, tmp_path):
+    # under torchrun with 2 CPU processes, both ranks end with identical parameters
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "train.py"), *TINY_GEN, "--data", fmnist, "--encoder", mae_ckpt, "--out", str(tmp_path),
+           "--steps", "2"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert "identical on all 2 processes: True" in result.stdout, result.stdout + result.stderr
+
+
+def test_latent_cache_fetch_picks_flip_and_samples(tmp_path):
+    # with zero std the posterior sample is the stored mean, of the flipped image for odd item ids
+    moments = np.zeros((3, 2, 2, 4, 32, 32), dtype=np.float16)
+    moments[:, 1, 0] = 1.0  # mean of the flipped image
+    np.save(tmp_path / "train_moments.npy", moments)
+    np.save(tmp_path / "train_labels.npy", np.array([0, 1, 2]))
+    data = train.Data("imagenet", str(tmp_path), "train", "cpu")
+    x = data.fetch(torch.tensor([0, 3]))  # image 0 as is, image 1 flipped
+    assert data.shape == (4, 32, 32) and x[0].eq(0).all() and x[1].eq(1).all()
+
+
+def test_latent_cache_trains(tmp_path):
+    # the generator stage runs on a (random) latent cache laid out as prepare_imagenet.py writes it
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "train_moments.npy", rng.standard_normal((40, 2, 2, 4, 32, 32)).astype(np.float16))
+    np.save(tmp_path / "train_labels.npy", np.arange(40) % 4)
+    model = train.main([*TINY_GEN, "--dataset", "imagenet", "--data", str(tmp_path), "--encoder", "none",
+                        "--out", str(tmp_path / "run"), "--steps", "1"])
+    assert model.in_channels == 4 and all(p.isfinite().all() for p in model.parameters())
+
+
+def test_pixel_cache_fetch_flips(tmp_path):
+    # item id 2i+1 is image i mirrored left-right, scaled to [-1, 1]
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    np.save(tmp_path / "train_pixels.npy", pixels)
+    np.save(tmp_path / "train_labels.npy", np.array([0, 1]))
+    data = train.Data("imagenet_pixels", str(tmp_path), "train", "cpu")
+    x, x_flip = data.fetch(torch.tensor([2, 3]))
+    assert torch.equal(x_flip, x.flip(-1)) and x.min() >= -1 and x.max() <= 1 and x.shape == (3, 256, 256)
+
+
+def test_missing_data_is_one_clear_error(tmp_path):
+    # a data folder without the CIFAR-10 batches names what it expected
+    with pytest.raises(ValueError, match="CIFAR-10 python batches"):
+        train.main(["--stage", "mae", "--dataset", "cifar10", "--data", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_wrong_data_files_are_one_clear_error(tmp_path):
+    # files with the Fashion-MNIST names but not IDX content are rejected as such
+    for split in ("train", "t10k"):
+        for kind in ("images-idx3", "labels-idx1"):
+            with gzip.open(tmp_path / f"{split}-{kind}-ubyte.gz", "wb") as f:
+                f.write(b"<html>not found</html>")
+    with pytest.raises(ValueError, match="not an IDX ubyte file"):
+        train.main(["--stage", "mae", "--dataset", "fmnist", "--data", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_resume_from_other_stage_is_one_clear_error(fmnist, mae_ckpt, tmp_path):
+    # resuming a generator run from an MAE checkpoint names both stages
+    with pytest.raises(ValueError, match="--stage mae --model tiny checkpoint; this run is --stage gen"):
+        run_gen(fmnist, mae_ckpt, tmp_path, "--steps", "2", "--resume", mae_ckpt)
+
+
+def test_encoder_from_generator_checkpoint_is_one_clear_error(fmnist, mae_ckpt, tmp_path):
+    # --encoder must be an MAE checkpoint, not a generator's
+    run_gen(fmnist, "none", tmp_path / "g", "--steps", "1")
+    with pytest.raises(ValueError, match="expected a checkpoint of --stage mae"):
+        run_gen(fmnist, str(tmp_path / "g" / "ckpt.pt"), tmp_path, "--steps", "1")
+
+
+def test_nan_stops_and_keeps_last_checkpoint(fmnist, mae_ckpt, tmp_path):
+    # an infinite learning rate stops the run with one message, and the last good checkpoint is untouched
+    run_gen(fmnist, mae_ckpt, tmp_path, "--steps", "2")
+    before = file_hash(tmp_path / "ckpt.pt")
+    with pytest.raises(FloatingPointError, match="became NaN/inf"):
+        run_gen(fmnist, mae_ckpt, tmp_path, "--steps", "4", "--lr", "inf", "--resume", str(tmp_path / "ckpt.pt"))
+    assert file_hash(tmp_path / "ckpt.pt") == before

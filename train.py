@@ -1,0 +1,668 @@
+"""
+Train a Drifting Model (Deng et al. 2026) in its two stages, with one script.
+
+  --stage mae  pretrain the ResNet-MAE feature encoder (SPEC 4): 2x2 patches hidden with p=0.5, L2 loss on the
+               hidden area, optionally a classification fine-tune over the last steps.
+  --stage gen  train the one-step DiT generator with the drifting loss (SPEC 3, 6, 7) in the frozen encoder's
+               feature space: each step N_c classes, N_neg generated, N_pos positives and N_unc unconditional
+               reals per class, the reals drawn from MoCo-like sample queues.
+
+Defaults are the paper's Table 8 "ablation" column (latent DiT-B/2, latent MAE of width 256), as the official
+configs/gen/latent_ablation.yaml and configs/mae/latent_ablation_256.yaml. --preset picks small settings for
+Fashion-MNIST; explicit flags win over both.
+
+    python train.py --stage mae --preset fmnist       # -> runs/fmnist_mae/ckpt.pt
+    python train.py --stage gen --preset fmnist       # -> runs/fmnist/{ckpt.pt, grid_*.png}, FID vs the test set
+    torchrun --nproc_per_node 8 train.py --stage mae --data data/imagenet    # latents of prepare_imagenet.py
+    torchrun --nproc_per_node 8 train.py --stage gen --data data/imagenet    # uses runs/mae/ckpt.pt
+
+One script rather than two: both stages share data, DDP, EMA, optimizer, checkpoints and logging, and differ
+in the model and a dozen lines of step.
+"""
+import argparse
+import copy
+import gzip
+import math
+import os
+import pickle
+import time
+import urllib.request
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import drift
+import fid
+from model import DiT_models, MAE_models, load_official
+from sample import generate, make_grid, save_png
+from vae import load_vae
+
+# Table 8, ablation column. The MAE stage follows configs/mae/latent_ablation_256.yaml (192 epochs of 8192).
+STAGE_DEFAULTS = {
+    "mae": dict(model="latent_256", lr=4e-3, warmup=4000, steps=30000, ema_decays=[0.9995], out="runs/mae"),
+    "gen": dict(model="B/2", lr=2e-4, warmup=5000, steps=30000, ema_decays=[0.999], out="runs/gen",
+                encoder="runs/mae/ckpt.pt"),
+}
+# Small runs: `--stage mae --preset P`, then `--stage gen --preset P` (which finds that encoder).
+# fmnist: one H100, MAE ~1 min + generator ~4 min + FID of 10k samples against the test set, ~8 min in all.
+# fmnist_cpu: a smoke run of the whole pipeline on a CPU in a few minutes (blurry samples, no FID).
+FMNIST = dict(dataset="fmnist", data="data/fashion-mnist", log_every=50, ckpt_every=500, sample_every=500)
+PRESETS = {
+    "fmnist": {
+        "mae": dict(FMNIST, model="fmnist", steps=1500, batch_size=1024, lr=2e-3, warmup=200, ema_decays=[0.999],
+                    out="runs/fmnist_mae"),
+        "gen": dict(FMNIST, model="S/2", steps=3000, nc=10, n_pos=32, n_neg=32, n_unc=16, lr=6e-4, warmup=300,
+                    out="runs/fmnist", encoder="runs/fmnist_mae/ckpt.pt", fid_ref="test"),
+    },
+    "fmnist_cpu": {  # 2 cores: MAE ~0.4 s/step, generator ~3 s/step (the encoder and drift loss dominate)
+        "mae": dict(FMNIST, model="tiny", steps=150, batch_size=32, lr=2e-3, warmup=20, ema_decays=[0.99],
+                    log_every=10, out="runs/fmnist_cpu_mae"),
+        "gen": dict(FMNIST, model="T/2", steps=60, nc=5, n_pos=8, n_neg=8, n_unc=4, lr=1e-3, warmup=10,
+                    ema_decays=[0.95], log_every=10, sample_every=60, out="runs/fmnist_cpu",
+                    encoder="runs/fmnist_cpu_mae/ckpt.pt"),
+    },
+}
+FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+PEAK_TFLOPS = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312))  # dense bf16, by device name
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Drifting Models training (both stages)")
+    p.add_argument("--stage", choices=["mae", "gen"], default="gen", help="encoder pretraining or generator")
+    p.add_argument("--preset", choices=["none", *PRESETS], default="none", help="small-run defaults (see PRESETS)")
+    p.add_argument("--out", default=None, help="folder for ckpt.pt and sample grids (runs/mae, runs/gen)")
+    p.add_argument("--resume", default="", help="checkpoint to continue from (exactly)")
+    p.add_argument("--seed", type=int, default=0, help="init seed; step s of rank r draws from (seed, s, r)")
+    # data
+    p.add_argument("--dataset", choices=["fmnist", "cifar10", "imagenet", "imagenet_pixels"], default="imagenet",
+                   help="imagenet = SD-VAE latent cache of prepare_imagenet.py; imagenet_pixels = its --pixels cache")
+    p.add_argument("--data", default="data/imagenet", help="IDX dir, CIFAR-10 python dir or prepare_imagenet --out")
+    # model and optimizer (None: the stage's column of STAGE_DEFAULTS)
+    p.add_argument("--model", default=None, help="DiT_models key (gen) or MAE_models key (mae)")
+    p.add_argument("--encoder", default=None, help="gen: --stage mae checkpoint (default: that stage's), official "
+                   "MAE folder or name (hf://mae_latent_256), or none (raw-output drift only)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (constant after warmup)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warmup steps")
+    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (all parameters)")
+    p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW betas")
+    p.add_argument("--grad_clip", type=float, default=2.0, help="global grad-norm clip")
+    p.add_argument("--ema_decays", type=float, nargs="+", default=None, help="EMA decays kept at once")
+    # generator batch (SPEC 6, 7)
+    p.add_argument("--nc", type=int, default=64, help="classes per step, all ranks together (N_c)")
+    p.add_argument("--n_pos", type=int, default=64, help="positives per class (N_pos)")
+    p.add_argument("--n_neg", type=int, default=64, help="generated samples per class (N_neg)")
+    p.add_argument("--n_unc", type=int, default=16, help="unconditional real negatives per class (N_unc)")
+    p.add_argument("--queue_size", type=int, default=128, help="per-class sample queue length")
+    p.add_argument("--global_queue_size", type=int, default=1000, help="unconditional sample queue length")
+    p.add_argument("--push", type=int, default=64, help="newest real samples pushed into the queues per step")
+    p.add_argument("--alpha_power", type=float, default=3.0, help="training alpha density ~ alpha^-power")
+    p.add_argument("--alpha_range", type=float, nargs=2, default=[1.0, 4.0], help="training alpha interval")
+    p.add_argument("--alpha_p_one", type=float, default=0.0, help="share of classes trained at alpha = 1")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.02, 0.05, 0.2], help="kernel temperatures")
+    # ablations of the field (Table 1, Table 11)
+    p.add_argument("--attraction", type=float, default=1.0, help="a in V = a V+ - b V-")
+    p.add_argument("--repulsion", type=float, default=1.0, help="b in V = a V+ - b V-")
+    p.add_argument("--softmax", choices=["both", "y"], default="both", help="kernel normalization axes")
+    # MAE stage
+    p.add_argument("--batch_size", type=int, default=8192, help="mae: global batch")
+    p.add_argument("--mask_ratio", type=float, default=0.5, help="mae: share of 2x2 patches hidden")
+    p.add_argument("--crop_min", type=float, default=0.2, help="mae: RandomResizedCrop min area (pixel data)")
+    p.add_argument("--cls_steps", type=int, default=0, help="mae: classification fine-tune over the last N steps")
+    p.add_argument("--cls_warmup", type=int, default=1000, help="mae: steps to ramp lambda_cls from 0")
+    p.add_argument("--lambda_cls", type=float, default=0.1, help="mae: final weight of the classification loss")
+    # logging, samples, evaluation
+    p.add_argument("--log_every", type=int, default=100, help="steps between log lines")
+    p.add_argument("--ckpt_every", type=int, default=2000, help="steps between checkpoints (and at the end)")
+    p.add_argument("--sample_every", type=int, default=2000, help="gen: steps between sample grids (0: never)")
+    p.add_argument("--alpha", type=float, default=1.0, help="gen: CFG scale of grids and FID samples")
+    p.add_argument("--fid_ref", default="", help="gen, at the end: 'test' (test split of --data) or stats npz")
+    p.add_argument("--fid_n", type=int, default=10000, help="samples for the end-of-run FID")
+    p.add_argument("--vae", default="mse", help="vae.load_vae argument, to decode latent grids and FID samples")
+    p.add_argument("--no_compile", action="store_true", help="skip torch.compile (used by default on GPU)")
+    args, _ = p.parse_known_args(argv)
+    p.set_defaults(**{**STAGE_DEFAULTS[args.stage], **PRESETS.get(args.preset, {}).get(args.stage, {})})
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Data: every dataset is an array of images or latents plus labels; item id = index * 2 + horizontal flip.
+
+def read_idx(path):
+    """An IDX ubyte array (the MNIST file format), gzipped."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path}: not an IDX ubyte file (expected the official Fashion-MNIST .gz files)")
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
+
+
+def fmnist_files(root, split):
+    prefix = "train" if split == "train" else "t10k"
+    return [os.path.join(root, f"{prefix}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1")]
+
+
+def download_fmnist(root):
+    """Fetch the official files that are missing from root (Zalando's Fashion-MNIST mirror)."""
+    for path in fmnist_files(root, "train") + fmnist_files(root, "test"):
+        if os.path.exists(path):
+            continue
+        os.makedirs(root, exist_ok=True)
+        try:
+            urllib.request.urlretrieve(FMNIST_URL + os.path.basename(path), path + ".part")
+        except OSError as err:
+            raise ValueError(f"Fashion-MNIST not found in {root} and the download failed ({err}). Copy the four "
+                             "official *-ubyte.gz files there, or on Debian `apt-get install dataset-fashion-mnist` "
+                             "and pass --data /usr/share/datasets/fashion-mnist") from err
+        os.replace(path + ".part", path)
+
+
+class Data:
+    """A labelled set in one array: small image sets as a uint8 (N, C, 32, 32) tensor on the device (no loader),
+    ImageNet caches as memory-mapped numpy arrays read per batch. fetch(ids) -> float model inputs on `device`."""
+
+    def __init__(self, name, root, split, device):
+        self.name, self.device, self.flip = name, device, name != "fmnist"  # gray clothes keep their side
+        if name == "fmnist":
+            images, labels = (read_idx(f) for f in fmnist_files(root, split))
+            if images.ndim != 3 or images.shape[1:] != (28, 28) or len(labels) != len(images):
+                raise ValueError(f"{root}: expected 28x28 Fashion-MNIST images with one label each")
+            images = np.pad(images, ((0, 0), (2, 2), (2, 2)))[:, None]  # 28 -> 32 with the black background
+        elif name == "cifar10":
+            nested = os.path.join(root, "cifar-10-batches-py")  # the folder the official tarball unpacks to
+            folder = nested if os.path.isdir(nested) else root
+            files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+            if not all(os.path.exists(os.path.join(folder, f)) for f in files):
+                raise ValueError(f"{root}: expected the CIFAR-10 python batches (data_batch_1..5, test_batch)")
+            batches = []
+            for f in files:
+                with open(os.path.join(folder, f), "rb") as fh:
+                    batches.append(pickle.load(fh, encoding="bytes"))
+            images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+            labels = np.concatenate([b[b"labels"] for b in batches])
+        else:
+            kind = "pixels" if name == "imagenet_pixels" else "moments"
+            path, label_path = (os.path.join(root, f"{split}_{k}.npy") for k in (kind, "labels"))
+            if not (os.path.exists(path) and os.path.exists(label_path)):
+                raise ValueError(f"{root}: expected {os.path.basename(path)} and {split}_labels.npy "
+                                 f"written by prepare_imagenet.py{' --pixels' if kind == 'pixels' else ''}")
+            images, labels = np.load(path, mmap_mode="r"), np.load(label_path)
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.num_classes = int(self.labels.max()) + 1
+        if name in ("fmnist", "cifar10"):
+            self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)  # (N, C, 32, 32) uint8
+            self.labels = self.labels.to(device)
+            self.shape = tuple(self.images.shape[1:])
+        else:
+            self.images = images  # memmap: (N, 2 flips, 2 [mean, std], 4, 32, 32) float16 or (N, 256, 256, 3) uint8
+            self.shape = images.shape[3:] if name == "imagenet" else (3, *images.shape[1:3])
+        if len(self.labels) != len(images):
+            raise ValueError(f"{root}: {len(images)} images but {len(self.labels)} labels")
+
+    def __len__(self):
+        return len(self.labels)
+
+    def fetch(self, ids):
+        """(B,) item ids on self.labels.device -> (B, C, H, W) float on self.device."""
+        index, flip = ids // 2, (ids % 2).bool()
+        if self.name == "imagenet":  # a fresh posterior sample each time, of the flipped image when flip
+            moments = self.images[index.cpu().numpy(), flip.long().cpu().numpy()]  # (B, 2, 4, 32, 32)
+            moments = torch.from_numpy(moments).to(self.device).float()
+            return moments[:, 0] + moments[:, 1] * torch.randn_like(moments[:, 0])
+        if self.name == "imagenet_pixels":
+            x = torch.from_numpy(self.images[index.cpu().numpy()]).to(self.device).permute(0, 3, 1, 2)
+            flip = flip.to(self.device)
+        else:
+            x = self.images[index]
+        x = x.float() / 127.5 - 1.0
+        return torch.where(flip[:, None, None, None], x.flip(-1), x) if self.flip else x
+
+    def uint8_images(self):
+        """(N, H, W, C) uint8 of a small image set (fmnist, cifar10), for FID reference statistics."""
+        return self.images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+class Stream:
+    """The order real samples arrive in: endless epochs, each a seeded permutation with a random flip per item,
+    the same on every rank. Position -> item id is a pure function, so a checkpoint stores only a position."""
+
+    def __init__(self, n, seed, flip):
+        self.n, self.seed, self.flip, self.cached = n, seed, flip, (None, None)
+
+    def epoch(self, e):
+        if self.cached[0] != e:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+            order = torch.randperm(self.n, generator=g) * 2
+            self.cached = (e, order + torch.randint(2, (self.n,), generator=g) if self.flip else order)
+        return self.cached[1]
+
+    def take(self, position, count):
+        """Item ids at stream positions [position, position + count), as a CPU long tensor."""
+        parts = []
+        while count > 0:
+            e, offset = divmod(position, self.n)
+            k = min(count, self.n - offset)
+            parts.append(self.epoch(e)[offset:offset + k])
+            position, count = position + k, count - k
+        return torch.cat(parts)
+
+
+class SampleQueue:
+    """Per-class FIFO of item ids (SPEC 7; official memory_bank.py): push appends, evicting the oldest, and
+    draw samples without replacement. Ids rather than tensors keep it tiny: images are fetched at draw time
+    (and latents sampled fresh from their posterior). One extra trash column absorbs the writes of items
+    that a single push both adds and evicts, so pushes never sync with the host."""
+
+    def __init__(self, num_classes, size, device):
+        self.size = size
+        self.ids = torch.zeros(num_classes, size + 1, dtype=torch.long, device=device)
+        self.head = torch.zeros(num_classes, dtype=torch.long, device=device)   # next slot to write
+        self.count = torch.zeros(num_classes, dtype=torch.long, device=device)  # valid entries
+
+    def push(self, ids, labels):
+        labels, order = labels.sort(stable=True)  # group by class, keeping arrival order within a class
+        ids = ids[order]
+        per_class = torch.bincount(labels, minlength=len(self.count))
+        first = per_class.cumsum(0) - per_class
+        rank_in_class = torch.arange(len(ids), device=ids.device) - first[labels]
+        survives = rank_in_class >= per_class[labels] - self.size  # only a class's newest `size` items stay
+        slot = torch.where(survives, (self.head[labels] + rank_in_class) % self.size, self.size)
+        self.ids[labels, slot] = ids
+        self.head = (self.head + per_class) % self.size
+        self.count = (self.count + per_class).clamp(max=self.size)
+
+    def draw(self, labels, n, generator):
+        """(len(labels), n) ids; each row without replacement from its class's queue (needs count >= n)."""
+        keys = torch.rand(len(labels), self.size, generator=generator, device=self.ids.device)
+        valid = torch.arange(self.size, device=keys.device) < self.count[labels, None]
+        slots = keys.masked_fill(~valid, 2.0).argsort(dim=1)[:, :n]  # random valid slots first
+        return self.ids[labels[:, None], slots]
+
+    def state_dict(self):
+        return {"ids": self.ids, "head": self.head, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.ids, self.head, self.count = (state[k].to(self.ids.device) for k in ("ids", "head", "count"))
+
+
+def random_resized_crop(x, min_area, generator=None):
+    """torchvision's RandomResizedCrop(scale=(min_area, 1), ratio=(3/4, 4/3)) on a batch, as one grid_sample.
+    Crops wider than the image are clamped instead of resampled."""
+    B = x.shape[0]
+    u = torch.rand(4, B, generator=generator, device=x.device)
+    area = min_area + (1 - min_area) * u[0]
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[1])
+    w, h = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # fractions of the side
+    theta = torch.zeros(B, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 1, 1] = w, h
+    theta[:, 0, 2], theta[:, 1, 2] = (2 * u[2] - 1) * (1 - w), (2 * u[3] - 1) * (1 - h)  # crop centre
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# -----------------------------------------------------------------------------
+# The generator's loss
+
+def encoder_features(encoder, x):
+    """The vectors drifted for a batch x (B, C, H, W): name -> (B, L, C'), the encoder's vector sets (SPEC 3)
+    plus the raw output ('global'); only 'global' without an encoder."""
+    if encoder is None:
+        return drift.feature_sets({}, raw=x)
+    return drift.feature_sets(encoder.activations(x), encoder.input_patchified(x), raw=x)
+
+
+def drift_objective(x_gen, x_real, alpha, features, n_pos, n_unc, temperatures, reduce=None, **ablation):
+    """Drifting loss of this rank's class groups (SPEC 3, 6). x_gen (Nc*N_neg, C, H, W) and
+    x_real (Nc*(N_pos+N_unc), C, H, W) are class-major, the reals being each class's positives then its
+    unconditional negatives; alpha (Nc,) the CFG scale of each class; features: x -> encoder_features.
+    The reals go through the encoder once, without autograd: in one pass with the generated samples the conv
+    backward would run over their rows too."""
+    nc = alpha.shape[0]
+    with torch.no_grad():
+        real = {k: v.unflatten(0, (nc, -1)) for k, v in features(x_real).items()}  # (Nc, N_pos+N_unc, L, C)
+    gen = {k: v.unflatten(0, (nc, -1)) for k, v in features(x_gen).items()}  # (Nc, N_neg, L, C)
+    pos = {k: v[:, :n_pos] for k, v in real.items()}
+    unc = {k: v[:, n_pos:] for k, v in real.items()} if n_unc else None
+    w_unc = drift.cfg_weight(alpha, gen["global"].shape[1], n_unc)[:, None].expand(nc, n_unc) if n_unc else None
+    return drift.feature_drift_loss(gen, pos, unc, w_unc, temperatures=tuple(temperatures), reduce=reduce,
+                                    **ablation)
+
+
+def peak_flops(device):
+    """Dense bf16 peak of this GPU (None if unknown or CPU): MFU is stated against it."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)
+
+
+def load_encoder(path, in_channels):
+    """The frozen feature encoder: EMA weights of a --stage mae checkpoint, or an official MAE artifact."""
+    if path == "none":
+        return None
+    if path.startswith("hf://") or os.path.isdir(path):
+        encoder = load_official(path)
+    else:
+        if not os.path.isfile(path):
+            raise ValueError(f"--encoder {path}: no such file. Train one with --stage mae, or pass an official "
+                             "MAE (hf://mae_latent_256) or none")
+        ckpt = load_checkpoint(path)
+        saved = ckpt["args"]
+        if saved.get("stage") != "mae":
+            raise ValueError(f"--encoder {path}: expected a checkpoint of --stage mae, got one of --stage "
+                             f"{saved.get('stage')} ({saved.get('model')})")
+        encoder = MAE_models[saved["model"]](in_channels=saved["in_channels"], num_classes=saved["num_classes"])
+        encoder.load_state_dict(next(iter(ckpt["ema"].values())))  # the first EMA decay of that run
+    if not hasattr(encoder, "activations") or encoder.in_channels != in_channels:
+        raise ValueError(f"--encoder {path}: expected an MAE encoder of {in_channels}-channel inputs")
+    return encoder.eval().requires_grad_(False)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint file at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} is not a train.py checkpoint ({type(err).__name__})") from err
+    if not isinstance(ckpt, dict) or not {"model", "ema", "args", "step"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a train.py checkpoint (expected keys model, ema, opt, step, args)")
+    return ckpt
+
+
+def save_checkpoint(path, ckpt):
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args(argv)
+
+    # ---- distributed: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python runs one process ----
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+    barrier = dist.barrier if ddp else (lambda: None)
+    mean_over_ranks = (lambda t: funcol.all_reduce(t, "sum", dist.group.WORLD) / world) if ddp else (lambda t: t)
+    gen_stage = args.stage == "gen"
+    if gen_stage and args.nc % world:
+        raise ValueError(f"--nc {args.nc} must divide by the number of processes {world}: ranks own whole classes")
+    if not gen_stage and args.batch_size % world:
+        raise ValueError(f"--batch_size {args.batch_size} must divide by the number of processes {world}")
+
+    # ---- seeds and performance flags ----
+    torch.manual_seed(args.seed)  # same init on every rank; each step reseeds per (seed, step, rank) below
+
+    def step_seed(step, r):  # r = rank, or -1 for the draws shared by all ranks
+        return args.seed * 1_000_003 + step * 4099 + r + 1
+    # TF32 for float32 matmuls outside autocast (the drift loss's distances: the official ran them at TPU
+    # default precision, one bf16 pass)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    # bf16 autocast on GPU (no GradScaler: bf16 has float32's range); float32 on the CPU
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    use_compile = device.type == "cuda" and not args.no_compile
+
+    # ---- data ----
+    if args.dataset == "fmnist" and rank == 0:
+        download_fmnist(args.data)
+    barrier()
+    data = Data(args.dataset, args.data, "train", device)
+    stream = Stream(len(data), args.seed, data.flip)
+    qdev = data.labels.device  # queues and draws live where the labels do (GPU for small sets)
+    # recorded in the checkpoint so sample.py and --encoder can rebuild the model
+    args.in_channels, args.input_size, args.num_classes = data.shape[0], data.shape[-1], data.num_classes
+    if args.fid_ref == "test" and args.dataset not in ("fmnist", "cifar10"):
+        raise ValueError("--fid_ref test needs --dataset fmnist or cifar10; pass reference statistics (npz) instead")
+    if args.fid_ref not in ("", "test") and not os.path.isfile(args.fid_ref):
+        raise ValueError(f"--fid_ref {args.fid_ref}: no such file (expected 'test' or an npz of mu and sigma)")
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+
+    # ---- models and EMA ----
+    if gen_stage:
+        if args.model not in DiT_models:
+            raise ValueError(f"--model must be one of {list(DiT_models)} for --stage gen, got {args.model}")
+        raw_model = DiT_models[args.model](input_size=args.input_size, in_channels=args.in_channels,
+                                           num_classes=args.num_classes).to(device)
+        encoder = load_encoder(args.encoder, args.in_channels)
+        if encoder is not None:  # NHWC on GPU: cuDNN's bf16 convolutions run in it natively
+            layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+            encoder = encoder.to(device, memory_format=layout)
+        ablation = dict(attraction=args.attraction, repulsion=args.repulsion, softmax=args.softmax)
+        fwd_flops = raw_model.flops_per_sample()
+        enc_flops = encoder.flops_per_sample() if encoder is not None else 0
+        n_gen, n_real = args.nc * args.n_neg, args.nc * (args.n_pos + args.n_unc)
+        # generator fwd+bwd 3x; encoder on generated samples forward + backward to its input (no weight
+        # gradients) ~2x; encoder on reals forward only. The drift loss's matmuls (~1%) are not counted.
+        flops_per_step = n_gen * (3 * fwd_flops + 2 * enc_flops) + n_real * enc_flops
+        images_per_step = n_gen
+    else:
+        if args.model not in MAE_models:
+            raise ValueError(f"--model must be one of {list(MAE_models)} for --stage mae, got {args.model}")
+        raw_model = MAE_models[args.model](in_channels=args.in_channels, num_classes=args.num_classes).to(device)
+        flops_per_step = 3 * args.batch_size * raw_model.flops_per_sample(with_decoder=True)
+        images_per_step = args.batch_size
+    emas = {d: copy.deepcopy(raw_model).requires_grad_(False).eval() for d in args.ema_decays}
+    print0(f"{args.stage}: {args.model} {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters, "
+           f"{len(data)} {args.dataset} images {data.shape}, {world} process(es) on {device.type}")
+
+    # ---- optimizer: AdamW on every parameter (the official optax.adamw has no decay mask) ----
+    opt = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, betas=tuple(args.betas),
+                            weight_decay=args.weight_decay, fused=device.type == "cuda")
+    start_step, cursor = 0, 0
+    if gen_stage:
+        class_queue = SampleQueue(data.num_classes, args.queue_size, qdev)
+        global_queue = SampleQueue(1, args.global_queue_size, qdev)
+        if args.n_pos > args.queue_size or args.n_unc > args.global_queue_size:
+            raise ValueError("--n_pos / --n_unc cannot exceed --queue_size / --global_queue_size (no replacement)")
+
+    # ---- resume ----
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        saved = ckpt["args"]
+        if (saved.get("stage"), saved.get("model")) != (args.stage, args.model):
+            raise ValueError(f"--resume {args.resume} is a --stage {saved.get('stage')} --model {saved.get('model')} "
+                             f"checkpoint; this run is --stage {args.stage} --model {args.model}")
+        if set(ckpt["ema"]) != set(emas):
+            raise ValueError(f"--resume: checkpoint has EMA decays {sorted(ckpt['ema'])}, run asks {args.ema_decays}")
+        raw_model.load_state_dict(ckpt["model"])
+        for d, ema in emas.items():
+            ema.load_state_dict(ckpt["ema"][d])
+        opt.load_state_dict(ckpt["opt"])
+        start_step, cursor = ckpt["step"], ckpt["queue"]["cursor"]
+        if gen_stage:
+            class_queue.load_state_dict(ckpt["queue"]["class"])
+            global_queue.load_state_dict(ckpt["queue"]["global"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        print0(f"resumed from {args.resume} at step {start_step}")
+    elif gen_stage:  # fill every class queue (and the global one) before the first step
+        while cursor < len(data) and (int(class_queue.count.min()) < args.queue_size
+                                      or int(global_queue.count[0]) < args.global_queue_size):
+            ids = stream.take(cursor, min(4096, len(data))).to(qdev)
+            class_queue.push(ids, data.labels[ids // 2])
+            global_queue.push(ids, torch.zeros_like(ids))
+            cursor += len(ids)
+        if int(class_queue.count.min()) < args.n_pos:
+            raise ValueError(f"some class has fewer than --n_pos {args.n_pos} training images")
+
+    # ---- compile, then DDP ----
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if gen_stage:
+        # The drift loss stays eager: compiled together with the encoder, its ~90 feature sets x 3 temperatures
+        # make a graph of ~16k nodes that takes many minutes to compile.
+        features = lambda x: encoder_features(encoder, x)  # noqa: E731
+        features = torch.compile(features, dynamic=False) if use_compile else features  # reals and gen: 2 graphs
+        vae = None
+        if args.in_channels == 4 and ((rank == 0 and args.sample_every) or args.fid_ref):  # latents: decode
+            vae = load_vae(args.vae).to(device).eval()
+
+    # ---- training loop ----
+    nc = args.nc // world
+    peak = peak_flops(device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any NaN/inf loss since the last check
+    last_good = (None, start_step)  # (checkpoint written by this run, step)
+
+    def check_finite(step):
+        bad = nonfinite.float()
+        if ddp:
+            dist.all_reduce(bad, dist.ReduceOp.MAX)
+        if bad.item() or not torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all():
+            kept = f"{last_good[0]} (step {last_good[1]}) is left as it was" if last_good[0] else "nothing saved"
+            raise FloatingPointError(f"loss or parameters became NaN/inf between step {last_good[1]} and {step}; "
+                                     f"stopping. {kept}. Try a lower --lr.")
+
+    def checkpoint(step):
+        state = {"model": raw_model.state_dict(), "ema": {d: e.state_dict() for d, e in emas.items()},
+                 "opt": opt.state_dict(), "step": step, "args": vars(args),
+                 "queue": {"cursor": cursor, **({"class": class_queue.state_dict(),
+                                                 "global": global_queue.state_dict()} if gen_stage else {})},
+                 "rng": {"cpu": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}
+        if rank == 0:
+            save_checkpoint(ckpt_path, state)
+        barrier()
+
+    def sample_images(indices, classes):  # uint8 (B, H, W, C), image i from noise seed i (sample.py)
+        ema = emas[args.ema_decays[0]]
+        return np.concatenate([generate(ema, vae, indices[i:i + 250], classes, args.alpha, 0, device.type == "cuda")
+                               for i in range(0, len(indices), 250)])
+
+    step, t_last = start_step, None
+    model.train()
+    while step < args.steps:
+        torch.manual_seed(step_seed(step, rank))  # masks, noise, posterior samples: a pure function of the step
+        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        if gen_stage:
+            # push the newest reals, then pick classes, alphas and queue draws for ALL ranks with one shared
+            # generator, so the global batch is the same whatever the number of processes
+            shared = torch.Generator(qdev).manual_seed(step_seed(step, -1))
+            ids = stream.take(cursor, args.push).to(qdev)
+            cursor += args.push
+            class_queue.push(ids, data.labels[ids // 2])
+            global_queue.push(ids, torch.zeros_like(ids))
+            classes = (torch.randperm(data.num_classes, generator=shared, device=qdev)[:args.nc]
+                       if args.nc <= data.num_classes else
+                       torch.randint(data.num_classes, (args.nc,), generator=shared, device=qdev))
+            alpha = drift.sample_alpha(args.nc, args.alpha_power, *args.alpha_range, args.alpha_p_one,
+                                       generator=shared, device=qdev)
+            pos = class_queue.draw(classes, args.n_pos, shared)  # (Nc, N_pos)
+            unc = global_queue.draw(torch.zeros_like(classes), args.n_unc, shared)  # (Nc, N_unc)
+            mine = slice(rank * nc, (rank + 1) * nc)  # this rank's class groups
+            x_real = data.fetch(torch.cat([pos[mine], unc[mine]], dim=1).flatten())  # (nc*(N_pos+N_unc), C, H, W)
+            classes, alpha = classes[mine].to(device), alpha[mine].to(device)
+            noise = torch.randn(nc * args.n_neg, *data.shape, device=device)
+            style = torch.randint(raw_model.style_vocab, (nc * args.n_neg, raw_model.num_style_tokens), device=device)
+            with autocast:
+                x_gen = model(noise, classes.repeat_interleave(args.n_neg), alpha.repeat_interleave(args.n_neg), style)
+                loss, info = drift_objective(x_gen, x_real, alpha, features, args.n_pos, args.n_unc, args.temperatures,
+                                             mean_over_ranks if ddp else None, **ablation)
+        else:
+            ids = stream.take(cursor, args.batch_size)[rank::world].to(qdev)
+            cursor += args.batch_size
+            x, labels = data.fetch(ids), data.labels[ids // 2].to(device)
+            if args.crop_min < 1 and args.dataset != "imagenet":  # latents: flips and posterior samples only
+                x = random_resized_crop(x, args.crop_min)
+            ft_step = step - (args.steps - args.cls_steps)
+            lambda_cls = args.lambda_cls * min(1.0, ft_step / max(1, args.cls_warmup)) if ft_step >= 0 else 0.0
+            with autocast:  # a tensor lambda: a changing Python float would recompile
+                loss, info = model(x, labels, mask_ratio=args.mask_ratio,
+                                   lambda_cls=torch.tensor(lambda_cls, device=device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        opt.step()
+        for d, ema in emas.items():
+            torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1.0 - d)
+        nonfinite |= ~torch.isfinite(loss.detach())
+        step += 1
+
+        if step == start_step + 1 or step % args.log_every == 0 or step == args.steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            check_finite(step)
+            if gen_stage:  # mean square of the raw force per temperature, averaged over feature sets
+                drift_T = [torch.stack([v for k, v in info.items() if k.startswith(f"drift_{T:g}/")]).mean()
+                           for T in args.temperatures]
+                extra = [info[f"drift_{T:g}/global"] for T in args.temperatures]
+            else:
+                drift_T, extra = [info["recon_loss"], info["accuracy"]], []
+            values = mean_over_ranks(torch.stack([loss.detach().float(), grad_norm.float(), *drift_T, *extra]))
+            values = values.tolist()
+            line = f"step {step:6d} | loss {values[0]:.4f} | "
+            if gen_stage:
+                k = len(args.temperatures)
+                line += "drift " + " ".join(f"T{T:g} {v:.3g}" for T, v in zip(args.temperatures, values[2:2 + k]))
+                line += " (raw " + " ".join(f"{v:.3g}" for v in values[2 + k:]) + ")"
+            else:
+                line += f"recon {values[2]:.4f} acc {values[3]:.3f}"
+            line += f" | gnorm {values[1]:.3f} | lr {lr:.2e}"
+            if t_last is not None and step > t_last[1]:  # compile and warm-up (the first step) left out
+                sec = (now - t_last[0]) / (step - t_last[1])
+                line += f" | {1000 * sec:.1f} ms/step | {images_per_step / sec:.0f} img/s"
+                if peak:
+                    line += f" | MFU {100 * flops_per_step / sec / (peak * world):.1f}% of {peak / 1e12:.0f} TFLOP/s"
+            if device.type == "cuda":
+                line += f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+            print0(line, flush=True)
+            t_last = (time.perf_counter(), step)
+        if step % args.ckpt_every == 0 or step == args.steps:
+            check_finite(step)
+            checkpoint(step)
+            last_good = (ckpt_path, step)
+            t_last = None
+        if gen_stage and rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+            grid_classes = list(range(min(10, data.num_classes)))  # one column per class
+            save_png(make_grid(sample_images(list(range(10 * len(grid_classes))), grid_classes)),
+                     os.path.join(args.out, f"grid_{step:06d}.png"))
+            t_last = None
+
+    # ---- teardown: ranks in sync?, optional FID ----
+    sums = torch.stack([p.detach().double().sum() for p in raw_model.parameters()])
+    if ddp:
+        gathered = [torch.zeros_like(sums) for _ in range(world)]
+        dist.all_gather(gathered, sums)
+        in_sync = all(torch.equal(g, sums) for g in gathered)
+    else:
+        in_sync = True
+    print0(f"done at step {step}: parameter checksum {sums.sum().item():.12e}, "
+           f"identical on all {world} processes: {in_sync}")
+    if gen_stage and args.fid_ref:
+        inception = fid.load_inception().to(device)
+        if args.fid_ref == "test":
+            ref = fid.compute_statistics(Data(args.dataset, args.data, "test", device).uint8_images()[rank::world],
+                                         inception, device=device)
+        else:
+            ref = fid.load_source(args.fid_ref)
+        images = sample_images(list(range(rank, args.fid_n, world)), list(range(data.num_classes)))
+        mu, sigma = fid.compute_statistics(images, inception, device=device)
+        print0(f"FID {fid.frechet_distance(mu, sigma, *ref):.3f} ({args.fid_n} samples at alpha {args.alpha}, "
+               f"EMA {args.ema_decays[0]}, reference {args.fid_ref})")
+    if ddp:
+        dist.destroy_process_group()
+    return raw_model
+
+
+if __name__ == "__main__":
+    main()
