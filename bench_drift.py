@@ -10,8 +10,8 @@ Each row is the median over --iters calls after --warmup untimed ones (compilati
            Nc*(Np+Nn) real ones, forward only; bf16 autocast, channels_last, torch.compile with --compile.
   drift    from fixed encoder maps: drift.feature_sets of the generated and real maps (plus norm_x and the raw
            output, as train.py) and drift.feature_drift_loss over every set, 3 temperatures, forward + backward
-           to the generated maps. Eager, as train.py runs it, and with --compile also each set's loss compiled
-           once with dynamic shapes (one graph shared by the sets).
+           to the generated maps. Eager, as train.py runs it, and with --compile also with drift's per-set loss
+           compiled with dynamic shapes (a few graphs, one per stride / size-1 pattern, shared by all sets).
   memory   the per-location set of a 32x32 and of an 8x8 map (C = 256) alone: the peak memory per location
            stays flat, far below one (G, Ng, Nt, D) float32 difference tensor, printed for comparison.
 Per-GPU batch: the official ablation (configs/gen/latent_ablation.yaml) draws 64 classes per step over 8
@@ -45,7 +45,7 @@ cuda = device.type == "cuda"
 use_compile = cuda if args.compile is None else args.compile
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
-torch._dynamo.config.recompile_limit = 64  # the drift sets' shapes may take a few specializations
+torch._dynamo.config.cache_size_limit = 64  # compiled drift: a graph per stride / size-1 pattern of the sets (~8)
 torch.manual_seed(0)
 
 
@@ -89,7 +89,7 @@ def encoder_step():
     x_gen.grad = None
     with autocast:
         maps = activations(x_gen)
-    sum(m.float().mean() for m in maps.values()).backward()  # gradient to the input only (frozen weights)
+    sum(m.mean() for m in maps.values()).backward()  # gradient to the input only (frozen weights)
     with torch.no_grad(), autocast:
         activations(x_real)
 
@@ -120,7 +120,8 @@ def drift_step():
 sets = drift.feature_sets({k: v[:1] for k, v in gen_maps.items()}, x_gen[:1], raw=x_gen[:1])
 largest = max(sets, key=lambda k: sets[k].shape[1] * sets[k].shape[2])
 name = torch.cuda.get_device_name() if cuda else "CPU"
-print(f"{name}: MAE {args.encoder}, {nc} classes x ({args.n_gen} gen, {args.n_pos} pos, {args.n_unc} unc); "
+print(f"{name}, torch {torch.__version__}: MAE {args.encoder}, {nc} classes x ({args.n_gen} gen, {args.n_pos} pos, "
+      f"{args.n_unc} unc); "
       f"{len(sets)} feature sets, {sum(v[0].numel() for v in sets.values()) / 1e6:.2f}M floats per sample; "
       f"largest {largest} {tuple(sets[largest].shape[1:])}: G = {nc * sets[largest].shape[1]} groups of "
       f"{args.n_gen} x {args.n_gen + args.n_unc + args.n_pos}; compile {use_compile}")

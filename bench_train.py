@@ -145,9 +145,12 @@ if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
 step_time = timed(train_step)
 memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+peak = peak_flops(device)
+mfu = f"{100 * model_flops / step_time / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 dense" if peak else "n/a"
+print(f"whole step: {1e3 * step_time:.1f} ms, {n_gen / step_time:.0f} generated img/s per GPU | MFU {mfu} | "
+      f"peak memory {memory:.1f} GiB", flush=True)  # first, in case the per-phase timings run out of time
 times = {name: timed(fn) for name, fn in phases.items()}
 
-peak = peak_flops(device)
 name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
 print(f"{name}: {args.model} generator + MAE {args.encoder}, {nc} classes x ({args.n_neg} gen, {args.n_pos} pos, "
       f"{args.n_unc} unc) = {n_gen} generated, {n_real} real samples; compile {use_compile}")
@@ -157,5 +160,4 @@ for part, t in times.items():
     print(f"{part:40s} {f / 1e9:10.1f} {1e3 * t:9.2f} {f / t / 1e12:9.1f}")
 print(f"{'sum of parts':40s} {'':10s} {1e3 * sum(times.values()):9.2f}")
 print(f"{'whole step':40s} {model_flops / 1e9:10.1f} {1e3 * step_time:9.2f} {model_flops / step_time / 1e12:9.1f}")
-mfu = f"{100 * model_flops / step_time / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 dense" if peak else "n/a"
 print(f"{n_gen / step_time:.0f} generated img/s per GPU | MFU {mfu} | peak memory {memory:.1f} GiB")

@@ -29,8 +29,8 @@ def _cdist(x, y):
 
 
 def _affinity(logits, min_affinity=0.0):
-    # sqrt(softmax over y * softmax over x) of logits (..., N, M) in one pass: exp(l - lse_y / 2 - lse_x / 2),
-    # written into logits. Clamping at a is the official sqrt(clip(product, a^2)).
+    # sqrt(softmax over y * softmax over x) of logits (..., N, M) without forming either softmax:
+    # exp(l - lse_y / 2 - lse_x / 2), written into logits. Clamping at a is the official sqrt(clip(product, a^2)).
     lse_y, lse_x = logits.logsumexp(-1, keepdim=True), logits.logsumexp(-2, keepdim=True)
     A = logits.sub_(lse_y.mul_(0.5)).sub_(lse_x.mul_(0.5)).exp_()
     return A.clamp_min_(min_affinity) if min_affinity > 0 else A
@@ -60,9 +60,10 @@ def compute_V(x, y_pos, y_neg, T, mask_self=True):
 
 
 @torch.no_grad()
-def _drift_step(targets, w, Ng, Nn, temperatures, reduce, attraction, repulsion, softmax):
+def _drift_step(targets, w, w_cols, Ng, Nn, temperatures, reduce, attraction, repulsion, softmax):
     """
-    The frozen drift of drift_loss. targets (G, Nt, D) = [gen | neg | pos], w (G, Nt) their weights.
+    The frozen drift of drift_loss. targets (G, Nt, D) = [gen | neg | pos], w (G, Nt) their weights, of which
+    only the columns w_cols may differ from 1.
     Returns the step goal - gen (G, Ng, D) in input coordinates, the coordinate scale s (gen~ = gen / s), the
     distance scale and each temperature's force mean square (K,). All temperatures are computed at once, stacked
     on a second axis (K).
@@ -87,7 +88,7 @@ def _drift_step(targets, w, Ng, Nn, temperatures, reduce, attraction, repulsion,
         A = _affinity(logits, min_affinity=1e-3)
     else:  # Table 11 ablation "y only": the plain row softmax (the paper gives no clamp for it)
         A = logits.softmax(-1)
-    A.mul_(w[:, None, None, :])  # weights enter after the sqrt
+    A[..., w_cols].mul_(w[:, None, None, w_cols])  # weights enter after the sqrt
     # Coefficients in place: C_pos = a A_pos * rowsum(A_neg), and -C_neg = -b A_neg * rowsum(A_pos), so that the
     # force C_pos @ pos - C_neg @ [gen | neg] is one matmul with the targets.
     A_neg, A_pos = A[..., :Ng + Nn], A[..., Ng + Nn:]
@@ -150,8 +151,10 @@ def _loss(gen, pos, neg, w_gen, w_pos, w_neg, temperatures, reduce, attraction, 
         ones = lambda n: sg.new_ones(*B, n)  # noqa: E731
         w = torch.cat([ones(Ng) if w_gen is None else w_gen.float(), ones(Nn) if w_neg is None else w_neg.float(),
                        ones(Np) if w_pos is None else w_pos.float()], dim=-1)  # (*B, Nt)
+        w_cols = slice(Ng, Ng + Nn) if w_gen is None and w_pos is None else slice(None)  # feature_drift_loss: CFG only
         step, scale_in, scale, mean_sq = _drift_step(targets.view(-1, Ng + Nn + Np, D), w.reshape(-1, Ng + Nn + Np),
-                                                     Ng, Nn, temperatures, reduce, attraction, repulsion, softmax)
+                                                     w_cols, Ng, Nn, temperatures, reduce, attraction, repulsion,
+                                                     softmax)
         loss = _Regression.apply(gen, step.view(*B, Ng, D), scale_in)  # the gradient reaches gen only here
     return loss, scale, mean_sq
 
@@ -172,9 +175,10 @@ def _check(gen, pos, neg, weights, temperatures, softmax, layout, what=""):
     if gen.shape[1] == 0 or pos.shape[1] == 0:
         raise ValueError(f"{what}expected at least one generated and one positive sample, got {got}")
     for name, (w, x) in weights.items():
-        if w is not None and (x is None or w.shape != x.shape[:2]):
-            expected = "no weights without neg" if x is None else f"shape {tuple(x.shape[:2])}"
-            raise ValueError(f"{what}expected {name} of {expected}, got {tuple(w.shape)}")
+        if w is not None and x is None:
+            raise ValueError(f"{what}expected {name} only with its samples, got {name} {tuple(w.shape)} alone")
+        if w is not None and w.shape != x.shape[:2]:
+            raise ValueError(f"{what}expected {name} of shape {tuple(x.shape[:2])}, got {tuple(w.shape)}")
     if len(temperatures) == 0:
         raise ValueError("expected at least one temperature")
     if softmax not in ("both", "y"):
@@ -250,7 +254,7 @@ def feature_drift_loss(gen, pos, neg=None, w_neg=None, temperatures=TEMPERATURES
     total, info = 0.0, {}
     for name, g in gen.items():
         if name not in pos or (neg is not None and name not in neg):
-            raise ValueError(f"feature {name} is in gen but missing from pos or neg")
+            raise ValueError(f"expected every feature of gen in pos and neg, {name} is missing")
         p, n = pos[name], None if neg is None else neg[name]
         _check(g, p, n, {"w_neg": (w_neg, n)}, temperatures, softmax, "(Nc, N, L, C)", f"feature {name}: ")
         # Every (class, location) is its own group: (Nc, N, L, C) -> (Nc, L, N, C) views, folded by _loss's copy.

@@ -97,10 +97,14 @@ def test_V_self_pair_masked():
     assert not torch.allclose(unmasked(y_neg), unmasked(x))  # the perturbation matters without the mask
 
 
-def test_drift_loss_matches_official_formula():
-    # loss, scale and per-temperature drift equal a float64 re-implementation of the official drift_loss
+@pytest.mark.parametrize("cfg_only", [False, True])
+def test_drift_loss_matches_official_formula(cfg_only):
+    # loss, scale and per-temperature drift equal a float64 re-implementation of the official drift_loss, with
+    # weights on every sample or, as feature_drift_loss passes them, on the extra negatives only
     gen, pos, neg, w_gen, w_pos, w_neg = loss_inputs()
-    loss, info = drift_loss(gen, pos, neg, w_gen, w_pos, w_neg)
+    if cfg_only:
+        w_gen, w_pos = torch.ones_like(w_gen), torch.ones_like(w_pos)
+    loss, info = drift_loss(gen, pos, neg, *((None, None) if cfg_only else (w_gen, w_pos)), w_neg)
     ref_loss, _, _, ref_scale, ref_ms = reference_drift_loss(gen, pos, neg, w_gen, w_pos, w_neg, (0.02, 0.05, 0.2))
     np.testing.assert_allclose(loss.numpy(), ref_loss, rtol=1e-4)
     np.testing.assert_allclose(info["scale"].item(), ref_scale, rtol=1e-5)
@@ -336,7 +340,8 @@ def test_toy_drift_norm_falls_tenfold_from_peak(collapsed_toy):
     # Measured from the peak, NOT from the start, where it does not hold: a q collapsed onto one mode matches p's
     # shape there, so its field starts near the minibatch noise floor (at T = 0.05 the kernel barely reaches the
     # other mode). ||V||^2 rises while the first steps spread q across the gap, then falls as q settles on both
-    # modes. The loss log of the authors' toy notebook rises then falls the same way (7.5e-6, 2.9e-4, 1.6e-5).
+    # modes. The authors' demo notebook logs the same rise then fall (swiss roll, from its collapsed MLP init:
+    # 7.5e-6 at step 1, 2.9e-4 at step 500, 1.6e-5 at step 2000).
     _, curve = collapsed_toy
     assert curve.unfold(0, 10, 1).mean(1).max() > 10 * curve[-30:].mean()
 

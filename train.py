@@ -121,8 +121,12 @@ def get_args(argv=None):
     p.add_argument("--ckpt_every", type=int, default=2000, help="steps between checkpoints (and at the end)")
     p.add_argument("--sample_every", type=int, default=2000, help="gen: steps between sample grids (0: never)")
     p.add_argument("--alpha", type=float, default=1.0, help="gen: CFG scale of grids and FID samples")
-    p.add_argument("--fid_ref", default="", help="gen, at the end: 'test' (test split of --data) or stats npz")
-    p.add_argument("--fid_n", type=int, default=10000, help="samples for the end-of-run FID")
+    p.add_argument("--fid_ref", default="", help="gen: 'test' (test split of --data) or stats npz; FID at the end")
+    p.add_argument("--fid_n", type=int, default=10000, help="samples per FID")
+    p.add_argument("--fid_every", type=int, default=0, help="gen: steps between FIDs during training (0: end only)")
+    p.add_argument("--fid_alphas", type=float, nargs="+", default=None, help="gen: CFG scales of the final FID "
+                   "(default: --alpha)")
+    p.add_argument("--fid_weights", default=None, help="Inception weights for fid.load_inception (default: cached)")
     p.add_argument("--vae", default="mse", help="vae.load_vae argument, to decode latent grids and FID samples")
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile (used by default on GPU)")
     args, _ = p.parse_known_args(argv)
@@ -541,10 +545,24 @@ def main(argv=None):
             save_checkpoint(ckpt_path, state)
         barrier()
 
-    def sample_images(indices, classes):  # uint8 (B, H, W, C), image i from noise seed i (sample.py)
+    def sample_images(indices, classes, alpha=args.alpha):  # uint8 (B, H, W, C), image i from noise seed i
         ema = emas[args.ema_decays[0]]
-        return np.concatenate([generate(ema, vae, indices[i:i + 250], classes, args.alpha, 0, device.type == "cuda")
+        return np.concatenate([generate(ema, vae, indices[i:i + 250], classes, alpha, 0, device.type == "cuda")
                                for i in range(0, len(indices), 250)])
+
+    fid_state = {}  # the Inception network and the reference statistics, made once
+
+    def evaluate_fid(step, alphas):
+        if not fid_state:
+            fid_state["net"] = fid.load_inception(args.fid_weights).to(device)
+            fid_state["ref"] = (fid.compute_statistics(Data(args.dataset, args.data, "test", device).uint8_images()
+                                                       [rank::world], fid_state["net"], device=device, progress=False)
+                                if args.fid_ref == "test" else fid.load_source(args.fid_ref))
+        for alpha in alphas:
+            images = sample_images(list(range(rank, args.fid_n, world)), list(range(data.num_classes)), alpha)
+            mu, sigma = fid.compute_statistics(images, fid_state["net"], device=device, progress=False)
+            print0(f"step {step:6d} | FID {fid.frechet_distance(mu, sigma, *fid_state['ref']):.3f} ({args.fid_n} "
+                   f"samples at alpha {alpha:g}, EMA {args.ema_decays[0]}, reference {args.fid_ref})", flush=True)
 
     step, t_last = start_step, None
     model.train()
@@ -637,6 +655,9 @@ def main(argv=None):
             save_png(make_grid(sample_images(list(range(10 * len(grid_classes))), grid_classes)),
                      os.path.join(args.out, f"grid_{step:06d}.png"))
             t_last = None
+        if gen_stage and args.fid_ref and args.fid_every and step % args.fid_every == 0 and step < args.steps:
+            evaluate_fid(step, [args.alpha])
+            t_last = None
 
     # ---- teardown: ranks in sync?, optional FID ----
     sums = torch.stack([p.detach().double().sum() for p in raw_model.parameters()])
@@ -649,16 +670,7 @@ def main(argv=None):
     print0(f"done at step {step}: parameter checksum {sums.sum().item():.12e}, "
            f"identical on all {world} processes: {in_sync}")
     if gen_stage and args.fid_ref:
-        inception = fid.load_inception().to(device)
-        if args.fid_ref == "test":
-            ref = fid.compute_statistics(Data(args.dataset, args.data, "test", device).uint8_images()[rank::world],
-                                         inception, device=device)
-        else:
-            ref = fid.load_source(args.fid_ref)
-        images = sample_images(list(range(rank, args.fid_n, world)), list(range(data.num_classes)))
-        mu, sigma = fid.compute_statistics(images, inception, device=device)
-        print0(f"FID {fid.frechet_distance(mu, sigma, *ref):.3f} ({args.fid_n} samples at alpha {args.alpha}, "
-               f"EMA {args.ema_decays[0]}, reference {args.fid_ref})")
+        evaluate_fid(step, args.fid_alphas or [args.alpha])
     if ddp:
         dist.destroy_process_group()
     return raw_model
