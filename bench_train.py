@@ -19,6 +19,7 @@ from contextlib import nullcontext
 import torch
 
 import drift
+from convnext import ConvNeXt_models
 from model import DiT_models, MAE_models
 from train import drift_objective, encoder_features, peak_flops
 
@@ -33,6 +34,8 @@ parser.add_argument("--iters", type=int, default=10, help="timed iterations per 
 parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation)")
 parser.add_argument("--small", action="store_true", help="tiny models on the CPU, a smoke run")
 parser.add_argument("--no_compile", action="store_true")
+parser.add_argument("--convnext", action="store_true", help="pixel models: ConvNeXt-V2-Base features too "
+                    "(random weights: the speed does not depend on them), e.g. --model B/16 --encoder pixel_640")
 args = parser.parse_args()
 if args.small:
     args.model, args.encoder, args.nc, args.n_pos, args.n_neg, args.n_unc = "T/2", "tiny", 2, 4, 4, 2
@@ -49,6 +52,7 @@ torch.manual_seed(0)
 gen = DiT_models[args.model](**({"input_size": 32} if args.small else {})).to(device)
 enc = MAE_models[args.encoder](in_channels=gen.in_channels).eval().requires_grad_(False)
 enc = enc.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+cnx = ConvNeXt_models["base"]().eval().requires_grad_(False).to(device) if args.convnext else None
 ema = [p.detach().clone() for p in gen.parameters()]
 opt = torch.optim.AdamW(gen.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=device.type == "cuda")
 nc, n_gen, n_real = args.nc, args.nc * args.n_neg, args.nc * (args.n_pos + args.n_unc)
@@ -62,7 +66,7 @@ style = torch.randint(gen.style_vocab, (n_gen, gen.num_style_tokens), device=dev
 # As train.py: generator and encoder features compiled, the drift loss eager (compiled with the encoder,
 # its ~90 feature sets x 3 temperatures make a ~16k-node graph that takes many minutes to compile).
 gen_c = maybe_compile(gen)
-features = maybe_compile(lambda x: encoder_features(enc, x))
+features = maybe_compile(lambda x: encoder_features(enc, x, cnx))
 objective = lambda x, xr, a: drift_objective(  # noqa: E731
     x, xr, a, features, args.n_pos, args.n_unc, (0.02, 0.05, 0.2))
 
@@ -131,6 +135,7 @@ def optimizer_clip_ema():
 # D dims, N_neg gen against N_neg + N_unc + N_pos targets) one distance matmul plus one force matmul
 # per temperature.
 F_gen, F_enc = gen.flops_per_sample(), enc.flops_per_sample()
+F_enc += cnx.flops_per_sample(gen.input_size) if cnx is not None else 0
 flops = {"generator fwd+bwd (3x)": 3 * n_gen * F_gen, "encoder on real, fwd": n_real * F_enc,
          "encoder on gen, fwd+bwd to input (2x)": 2 * n_gen * F_enc}
 n_targets = args.n_neg + args.n_unc + args.n_pos
@@ -152,7 +157,7 @@ print(f"whole step: {1e3 * step_time:.1f} ms, {n_gen / step_time:.0f} generated 
 times = {name: timed(fn) for name, fn in phases.items()}
 
 name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-print(f"{name}: {args.model} generator + MAE {args.encoder}, {nc} classes x ({args.n_neg} gen, {args.n_pos} pos, "
+print(f"{name}: {args.model} generator + MAE {args.encoder}{" + ConvNeXt-V2-B" if cnx else ""}, {nc} classes x ({args.n_neg} gen, {args.n_pos} pos, "
       f"{args.n_unc} unc) = {n_gen} generated, {n_real} real samples; compile {use_compile}")
 print(f"{'part':40s} {'GFLOP':>10s} {'ms':>9s} {'TFLOP/s':>9s}")
 for part, t in times.items():

@@ -294,6 +294,7 @@ DiT_models = {
     "L/16": _preset(hidden_size=1024, depth=24, num_heads=16, **_PIXEL),
     "S/2": _preset(hidden_size=384, depth=12, num_heads=6, **_LATENT),  # quick runs
     "T/2": _preset(hidden_size=64, depth=2, num_heads=2, **{**_LATENT, "input_size": 8}),  # tests
+    "T/16": _preset(hidden_size=64, depth=2, num_heads=2, **_PIXEL),  # tests of the pixel path
 }
 
 # -----------------------------------------------------------------------------

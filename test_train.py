@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train
+from convnext import ConvNeXtV2
 from train import SampleQueue
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -156,6 +157,23 @@ def test_pixel_cache_fetch_flips(tmp_path):
     data = train.Data("imagenet_pixels", str(tmp_path), "train", "cpu")
     x, x_flip = data.fetch(torch.tensor([2, 3]))
     assert torch.equal(x_flip, x.flip(-1)) and x.min() >= -1 and x.max() <= 1 and x.shape == (3, 256, 256)
+
+
+def test_pixel_run_with_convnext_trains(tmp_path, monkeypatch):
+    # pixel space (Table 8): a patch-16 generator on 256x256 RGB drifts on MAE and ConvNeXt-V2 features;
+    # a small random ConvNeXt-V2 stands in for the pretrained one (no download here)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "train_pixels.npy", rng.integers(0, 256, (8, 256, 256, 3), dtype=np.uint8))
+    np.save(tmp_path / "train_labels.npy", np.arange(8) % 2)
+    small = ConvNeXtV2(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), resolution=64).eval().requires_grad_(False)
+    monkeypatch.setattr(train, "load_convnext_v2", lambda name, path: small)
+    mae = train.main(["--stage", "mae", "--dataset", "imagenet_pixels", "--data", str(tmp_path), "--model", "tiny",
+                      "--steps", "1", "--batch_size", "4", "--out", str(tmp_path / "mae")])
+    assert mae.input_patch_size == 8
+    model = train.main([*TINY_GEN, "--dataset", "imagenet_pixels", "--data", str(tmp_path), "--model", "T/16",
+                        "--encoder", str(tmp_path / "mae" / "ckpt.pt"), "--convnext", "base",
+                        "--out", str(tmp_path / "run"), "--steps", "2"])
+    assert model.patch_size == 16 and all(p.isfinite().all() for p in model.parameters())
 
 
 def test_missing_data_is_one_clear_error(tmp_path):

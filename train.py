@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import drift
 import fid
+from convnext import load_convnext_v2
 from model import DiT_models, MAE_models, load_official
 from sample import generate, make_grid, save_png
 from vae import load_vae
@@ -86,6 +87,8 @@ def get_args(argv=None):
     p.add_argument("--model", default=None, help="DiT_models key (gen) or MAE_models key (mae)")
     p.add_argument("--encoder", default=None, help="gen: --stage mae checkpoint (default: that stage's), official "
                    "MAE folder or name (hf://mae_latent_256), or none (raw-output drift only)")
+    p.add_argument("--convnext", default="none", help="gen, pixel models (Table 8): drift on ConvNeXt-V2-Base "
+                   "features too: 'base' (pretrained, downloaded once), a local file of that checkpoint, or none")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (constant after warmup)")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps")
@@ -313,12 +316,15 @@ def random_resized_crop(x, min_area, generator=None):
 # -----------------------------------------------------------------------------
 # The generator's loss
 
-def encoder_features(encoder, x):
+def encoder_features(encoder, x, convnext=None):
     """The vectors drifted for a batch x (B, C, H, W): name -> (B, L, C'), the encoder's vector sets (SPEC 3)
-    plus the raw output ('global'); only 'global' without an encoder."""
-    if encoder is None:
-        return drift.feature_sets({}, raw=x)
-    return drift.feature_sets(encoder.activations(x), encoder.input_patchified(x), raw=x)
+    plus the raw output ('global'); only 'global' without an encoder. Pixel models add the ConvNeXt-V2 sets,
+    which the official release builds its own way (convnext.py), simply summed into the loss with the others."""
+    sets = (drift.feature_sets({}, raw=x) if encoder is None else
+            drift.feature_sets(encoder.activations(x), encoder.input_patchified(x), raw=x))
+    if convnext is not None:
+        sets.update(convnext.feature_sets(x))
+    return sets
 
 
 def drift_objective(x_gen, x_real, alpha, features, n_pos, n_unc, temperatures, reduce=None, **ablation):
@@ -361,7 +367,8 @@ def load_encoder(path, in_channels):
         if saved.get("stage") != "mae":
             raise ValueError(f"--encoder {path}: expected a checkpoint of --stage mae, got one of --stage "
                              f"{saved.get('stage')} ({saved.get('model')})")
-        encoder = MAE_models[saved["model"]](in_channels=saved["in_channels"], num_classes=saved["num_classes"])
+        encoder = MAE_models[saved["model"]](in_channels=saved["in_channels"], num_classes=saved["num_classes"],
+                                             input_patch_size=saved["input_size"] // 32)
         encoder.load_state_dict(next(iter(ckpt["ema"].values())))  # the first EMA decay of that run
     if not hasattr(encoder, "activations") or encoder.in_channels != in_channels:
         raise ValueError(f"--encoder {path}: expected an MAE encoder of {in_channels}-channel inputs")
@@ -444,12 +451,19 @@ def main(argv=None):
         raw_model = DiT_models[args.model](input_size=args.input_size, in_channels=args.in_channels,
                                            num_classes=args.num_classes).to(device)
         encoder = load_encoder(args.encoder, args.in_channels)
-        if encoder is not None:  # NHWC on GPU: cuDNN's bf16 convolutions run in it natively
-            layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # cuDNN's bf16 convs
+        if encoder is not None:
             encoder = encoder.to(device, memory_format=layout)
+        convnext = None
+        if args.convnext != "none":
+            if args.in_channels != 3:
+                raise ValueError("--convnext needs RGB pixel data (--dataset imagenet_pixels or cifar10)")
+            convnext = load_convnext_v2("base", None if args.convnext == "base" else args.convnext)
+            convnext = convnext.to(device, memory_format=layout)
         ablation = dict(attraction=args.attraction, repulsion=args.repulsion, softmax=args.softmax)
         fwd_flops = raw_model.flops_per_sample()
         enc_flops = encoder.flops_per_sample() if encoder is not None else 0
+        enc_flops += convnext.flops_per_sample(args.input_size) if convnext is not None else 0
         n_gen, n_real = args.nc * args.n_neg, args.nc * (args.n_pos + args.n_unc)
         # generator fwd+bwd 3x; encoder on generated samples forward + backward to its input (no weight
         # gradients) ~2x; encoder on reals forward only. The drift loss's matmuls (~1%) are not counted.
@@ -458,7 +472,9 @@ def main(argv=None):
     else:
         if args.model not in MAE_models:
             raise ValueError(f"--model must be one of {list(MAE_models)} for --stage mae, got {args.model}")
-        raw_model = MAE_models[args.model](in_channels=args.in_channels, num_classes=args.num_classes).to(device)
+        # the ResNet always runs on a 32x32 grid: 256x256 pixels are patchified 8x8 first (SPEC 4)
+        raw_model = MAE_models[args.model](in_channels=args.in_channels, num_classes=args.num_classes,
+                                           input_patch_size=args.input_size // 32).to(device)
         flops_per_step = 3 * args.batch_size * raw_model.flops_per_sample(with_decoder=True)
         images_per_step = args.batch_size
     emas = {d: copy.deepcopy(raw_model).requires_grad_(False).eval() for d in args.ema_decays}
@@ -513,7 +529,7 @@ def main(argv=None):
     if gen_stage:
         # The drift loss stays eager: compiled together with the encoder, its ~90 feature sets x 3 temperatures
         # make a graph of ~16k nodes that takes many minutes to compile.
-        features = lambda x: encoder_features(encoder, x)  # noqa: E731
+        features = lambda x: encoder_features(encoder, x, convnext)  # noqa: E731
         features = torch.compile(features, dynamic=False) if use_compile else features  # reals and gen: 2 graphs
         vae = None
         if args.in_channels == 4 and ((rank == 0 and args.sample_every) or args.fid_ref):  # latents: decode
