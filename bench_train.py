@@ -157,7 +157,8 @@ print(f"whole step: {1e3 * step_time:.1f} ms, {n_gen / step_time:.0f} generated 
 times = {name: timed(fn) for name, fn in phases.items()}
 
 name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-print(f"{name}: {args.model} generator + MAE {args.encoder}{" + ConvNeXt-V2-B" if cnx else ""}, {nc} classes x ({args.n_neg} gen, {args.n_pos} pos, "
+extra = " + ConvNeXt-V2-B" if cnx is not None else ""
+print(f"{name}: {args.model} generator + MAE {args.encoder}{extra}, {nc} classes x ({args.n_neg} gen, {args.n_pos} pos, "
       f"{args.n_unc} unc) = {n_gen} generated, {n_real} real samples; compile {use_compile}")
 print(f"{'part':40s} {'GFLOP':>10s} {'ms':>9s} {'TFLOP/s':>9s}")
 for part, t in times.items():
