@@ -6,7 +6,8 @@ drift_loss         the loss as the official release computes it (drift_loss.py):
                    call, temperatures relative to it, per-temperature force normalization, summed.
 feature_sets       the vectors drifted in feature space (Sec. 3.4, A.5): per location, global and 2x2 /
                    4x4 patch means and stds of every encoder map, plus norm_x and the raw output.
-feature_drift_loss one drift_loss per feature name, classes x locations folded into the group axis.
+feature_drift_loss one drift_loss per feature name, classes x locations folded into the group axis; names of one
+                   width batched into one computation that keeps each name's statistics apart.
 cfg_weight, sample_alpha   classifier-free guidance (Sec. 3.5, A.7) as the official train_step does it.
 
 `python drift.py` runs the 2D toy of Figures 3-4 on the CPU and writes toy.png.
@@ -59,29 +60,37 @@ def compute_V(x, y_pos, y_neg, T, mask_self=True):
     return V[0] if single else V
 
 
+def _segment_sum(x, seg, n_seg):
+    # Sums of the rows of x (G, ...) per segment: (n_seg, ...). index_add (not a one-hot matmul, which TF32 rounds)
+    # accumulates in sequence, so in float64: over ~10^4 groups float32 would lose ~1e-4 relative.
+    return x.new_zeros(n_seg, *x.shape[1:], dtype=torch.float64).index_add_(0, seg, x.double()).to(x.dtype)
+
+
 @torch.no_grad()
-def _drift_step(targets, w, w_cols, Ng, Nn, temperatures, reduce, attraction, repulsion, softmax):
+def _drift_step(targets, w, w_cols, seg, counts, Ng, Nn, temperatures, reduce, attraction, repulsion, softmax):
     """
-    The frozen drift of drift_loss. targets (G, Nt, D) = [gen | neg | pos], w (G, Nt) their weights, of which
-    only the columns w_cols may differ from 1.
-    Returns the step goal - gen (G, Ng, D) in input coordinates, the coordinate scale s (gen~ = gen / s), the
-    distance scale and each temperature's force mean square (K,). All temperatures are computed at once, stacked
-    on a second axis (K).
+    The frozen drift of drift_loss for several independent sets at once. targets (G, Nt, D) = [gen | neg | pos],
+    w (G, Nt) their weights, of which only the columns w_cols may differ from 1; seg (G,) the set of each group and
+    counts (S,) the groups per set (float). Each set keeps its own statistics, as if computed alone.
+    Returns the step goal - gen (G, Ng, D) in input coordinates, each group's coordinate scale s (G,) (gen~ = gen / s),
+    and per set the distance scale (S,) and each temperature's force mean square (S, K). All temperatures are
+    computed at once, stacked on a second axis (K).
     """
     G, Nt, D = targets.shape
-    K = len(temperatures)
+    S, K = counts.shape[0], len(temperatures)
     dist = _cdist(targets[:, :Ng], targets)  # (G, Ng, Nt)
 
-    # One scale per call: the weighted mean distance over every group (and rank, via reduce).
-    stats = torch.stack([(dist.sum(1) * w).sum() / dist.numel(), w.mean()])
+    # One scale per set: the weighted mean distance over its groups (and ranks, via reduce; one call for all sets).
+    per_group = torch.stack([(dist.sum(1) * w).sum(-1) / (Ng * Nt), w.sum(-1) / Nt], dim=-1)  # (G, 2)
+    stats = _segment_sum(per_group, seg, S) / counts[:, None]  # (S, 2)
     if reduce is not None:
         stats = reduce(stats)
-    scale = stats[0] / stats[1]
+    scale = stats[:, 0] / stats[:, 1]  # (S,)
     scale_in = (scale / math.sqrt(D)).clamp_min(1e-3)  # rescaled coordinates have mean distance sqrt(D)
-    scale_dist = scale.clamp_min(1e-3)  # temperatures are relative to the mean distance
-    dist[:, :, :Ng].diagonal(dim1=1, dim2=2).add_(100.0 * scale_dist)  # the self pair: +100 after scaling, as official
-    inv_T = torch.stack([-1.0 / T / scale_dist for T in temperatures])  # (K,), on the device: no host copy
-    logits = dist.unsqueeze(1) * inv_T[:, None, None]  # (G, K, Ng, Nt)
+    scale_dist = scale.clamp_min(1e-3)[seg]  # (G,) temperatures are relative to the mean distance
+    dist[:, :, :Ng].diagonal(dim1=1, dim2=2).add_(100.0 * scale_dist[:, None])  # the self pair: +100 after scaling
+    inv_T = torch.stack([-1.0 / T / scale_dist for T in temperatures], dim=1)  # (G, K), on the device: no host copy
+    logits = dist.unsqueeze(1) * inv_T[:, :, None, None]  # (G, K, Ng, Nt)
     del dist
 
     if softmax == "both":
@@ -102,61 +111,82 @@ def _drift_step(targets, w, w_cols, Ng, Nn, temperatures, reduce, attraction, re
         A[..., :Ng].diagonal(dim1=-2, dim2=-1).sub_(((attraction - repulsion) * sum_pos * sum_neg).squeeze(-1))
     force = torch.bmm(A.view(G, K * Ng, Nt), targets).view(G, K, Ng, D)
 
-    # Each temperature's force divided by its RMS over the whole call (in rescaled coordinates), then summed.
-    # Sum of squares per group first (contiguous, pairwise-accurate reductions), then over groups.
-    mean_sq = torch.linalg.vector_norm(force, dim=(2, 3)).square().sum(0) / (G * Ng * D) / scale_in.square()  # (K,)
+    # Each temperature's force divided by its RMS over its set (in rescaled coordinates), then summed.
+    # Sum of squares per group first (contiguous, pairwise-accurate reductions), then over the set's groups.
+    sq = _segment_sum(torch.linalg.vector_norm(force, dim=(2, 3)).square(), seg, S)  # (S, K)
+    mean_sq = sq / (counts[:, None] * (Ng * D)) / scale_in[:, None].square()
     if reduce is not None:
         mean_sq = reduce(mean_sq)
-    step = torch.matmul(mean_sq.clamp_min(1e-8).rsqrt(), force.view(G, K, Ng * D))  # (G, Ng * D)
-    return step.view(G, Ng, D), scale_in, scale, mean_sq
+    coeff = mean_sq.clamp_min(1e-8).rsqrt()[seg]  # (G, K)
+    step = torch.bmm(coeff[:, None, :], force.view(G, K, Ng * D))  # (G, 1, Ng * D)
+    return step.view(G, Ng, D), scale_in[seg], scale, mean_sq
 
 
 class _Regression(torch.autograd.Function):
     """
-    mean over (Ng, D) of (gen~ - stopgrad(gen~ + step~))^2 for gen (*B, Ng, D), step (*B, Ng, D) in input coordinates
-    and ~ = / s, without forming the goal: the value is mean(step~^2) and d / d gen = -2 step~ / (s Ng D).
+    mean over (Ng, D) of (gen~ - stopgrad(gen~ + step~))^2 per group, for step (G, Ng, D) in input coordinates,
+    ~ = / s with s (G,), and the groups' generated samples given as sets gens (*B_i, Ng, D) of prod(B_i) groups each,
+    in order. The goal is never formed: the value is mean(step~^2) and d / d gen = -2 step~ / (s Ng D).
     """
 
     @staticmethod
-    def forward(ctx, gen, step, scale_in):
+    def forward(ctx, step, scale_in, *gens):
         ctx.save_for_backward(step, scale_in)
+        ctx.shapes = [g.shape for g in gens]
         n = step.shape[-2] * step.shape[-1]
-        return torch.linalg.vector_norm(step, dim=(-2, -1)).square() / (n * scale_in.square())  # (*B)
+        return torch.linalg.vector_norm(step, dim=(-2, -1)).square() / (n * scale_in.square())  # (G,)
 
     @staticmethod
     def backward(ctx, grad):
         step, scale_in = ctx.saved_tensors
         n = step.shape[-2] * step.shape[-1]
-        return step * (grad[..., None, None] * (-2.0 / n) / scale_in.square()), None, None
+        grad_gen = step * (grad * (-2.0 / n) / scale_in.square())[:, None, None]  # (G, Ng, D)
+        sizes = [math.prod(s[:-2]) for s in ctx.shapes]
+        return None, None, *(g.view(s) for g, s in zip(grad_gen.split(sizes), ctx.shapes))
 
 
-def _loss(gen, pos, neg, w_gen, w_pos, w_neg, temperatures, reduce, attraction, repulsion, softmax):
-    # drift_loss for groups of any shape B: gen (*B, Ng, D), pos (*B, Np, D), neg (*B, Nn, D) or None, w_* (*B, N*)
-    # or None; the inputs may be strided views. Returns loss (*B) and the log scalars (formatted by _info, outside,
-    # so that this function compiles into one graph).
-    *B, Ng, D = gen.shape
-    Nn, Np = 0 if neg is None else neg.shape[-2], pos.shape[-2]
-    with torch.autocast(gen.device.type, enabled=False):  # distances need float32 even under bf16
-        gen = gen.float()
-        sg = gen.detach()
-        # Targets [gen | neg | pos] in one contiguous buffer (the copy also folds strided inputs into groups),
-        # centred on each group's mean generated sample: the field is translation invariant, and centring keeps
-        # the distance and force matmuls accurate (TF32 included) for features far from the origin.
-        targets = sg.new_empty(*B, Ng + Nn + Np, D)
-        targets[..., :Ng, :] = sg
-        if neg is not None:
-            targets[..., Ng:Ng + Nn, :] = neg.detach()
-        targets[..., Ng + Nn:, :] = pos.detach()
-        targets.sub_(sg.mean(-2, keepdim=True))  # (*B, Nt, D)
-        ones = lambda n: sg.new_ones(*B, n)  # noqa: E731
-        w = torch.cat([ones(Ng) if w_gen is None else w_gen.float(), ones(Nn) if w_neg is None else w_neg.float(),
-                       ones(Np) if w_pos is None else w_pos.float()], dim=-1)  # (*B, Nt)
-        w_cols = slice(Ng, Ng + Nn) if w_gen is None and w_pos is None else slice(None)  # feature_drift_loss: CFG only
-        step, scale_in, scale, mean_sq = _drift_step(targets.view(-1, Ng + Nn + Np, D), w.reshape(-1, Ng + Nn + Np),
-                                                     w_cols, Ng, Nn, temperatures, reduce, attraction, repulsion,
-                                                     softmax)
-        loss = _Regression.apply(gen, step.view(*B, Ng, D), scale_in)  # the gradient reaches gen only here
-    return loss, scale, mean_sq
+def _loss(sets, temperatures, reduce, attraction, repulsion, softmax):
+    # drift_loss for a list of independent sets (gen, pos, neg, w_gen, w_pos, w_neg) with groups of any shape B_i:
+    # gen (*B_i, Ng, D), pos (*B_i, Np, D), neg (*B_i, Nn, D) or None, w_* (*B_i, N*) or None; Ng, Np, Nn, D shared
+    # by all sets; the inputs may be strided views. All groups run as one batch, but every set keeps its own
+    # distance scale and force normalization. Returns per group the loss (G,) (sets in order, groups flattened),
+    # per set its mean loss (S,), scale (S,) and force mean squares (S, K) (formatted by _info outside, so that
+    # this function compiles into one graph).
+    gen0, pos0, neg0 = sets[0][:3]
+    Ng, D = gen0.shape[-2:]
+    Nn, Np = 0 if neg0 is None else neg0.shape[-2], pos0.shape[-2]
+    Nt, device = Ng + Nn + Np, gen0.device
+    sizes = [math.prod(s[0].shape[:-2]) for s in sets]
+    G, S = sum(sizes), len(sets)
+    # The set of each group, built on the host and sent without a stream sync.
+    seg = torch.repeat_interleave(torch.arange(S), torch.tensor(sizes), output_size=G).to(device, non_blocking=True)
+    counts = torch.tensor(sizes, dtype=torch.float32).to(device, non_blocking=True)
+    with torch.autocast(device.type, enabled=False):  # distances need float32 even under bf16
+        gens = [s[0].float() for s in sets]
+        # Targets [gen | neg | pos] of every set in one contiguous buffer (the copy also folds strided inputs into
+        # groups), centred on each group's mean generated sample: the field is translation invariant, and centring
+        # keeps the distance and force matmuls accurate (TF32 included) for features far from the origin.
+        targets = gen0.new_empty(G, Nt, D, dtype=torch.float32)
+        w = targets.new_ones(G, Nt)
+        off = 0
+        for (_, pos, neg, w_gen, w_pos, w_neg), gen, n in zip(sets, gens, sizes):
+            t, wt = targets[off:off + n].view(*gen.shape[:-2], Nt, D), w[off:off + n].view(*gen.shape[:-2], Nt)
+            t[..., :Ng, :] = gen.detach()
+            t[..., Ng + Nn:, :] = pos.detach()
+            if neg is not None:
+                t[..., Ng:Ng + Nn, :] = neg.detach()
+            for x, cols in ((w_gen, slice(0, Ng)), (w_neg, slice(Ng, Ng + Nn)), (w_pos, slice(Ng + Nn, Nt))):
+                if x is not None:
+                    wt[..., cols] = x
+            off += n
+        targets.sub_(targets[:, :Ng].mean(1, keepdim=True))  # (G, Nt, D)
+        only_neg = all(s[3] is None and s[4] is None for s in sets)
+        w_cols = slice(Ng, Ng + Nn) if only_neg else slice(None)  # feature_drift_loss: CFG weights only
+        step, scale_in, scale, mean_sq = _drift_step(targets, w, w_cols, seg, counts, Ng, Nn, temperatures, reduce,
+                                                     attraction, repulsion, softmax)
+        loss = _Regression.apply(step, scale_in, *gens)  # (G,) the gradient reaches gen only here
+        loss_mean = _segment_sum(loss, seg, S) / counts  # (S,)
+    return loss, loss_mean, scale, mean_sq
 
 
 def _info(scale, mean_sq, temperatures):
@@ -202,9 +232,9 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
     """
     _check(gen, pos, neg, {"w_gen": (w_gen, gen), "w_pos": (w_pos, pos), "w_neg": (w_neg, neg)},
            temperatures, softmax, "(G, N, D)")
-    loss, scale, mean_sq = _loss(gen, pos, neg, w_gen, w_pos, w_neg, temperatures, reduce, attraction, repulsion,
-                                 softmax)
-    return loss, _info(scale, mean_sq, temperatures)
+    loss, _, scale, mean_sq = _loss([(gen, pos, neg, w_gen, w_pos, w_neg)], temperatures, reduce, attraction,
+                                    repulsion, softmax)
+    return loss, _info(scale[0], mean_sq[0], temperatures)
 
 
 def _std(x, dim):
@@ -248,21 +278,31 @@ def feature_drift_loss(gen, pos, neg=None, w_neg=None, temperatures=TEMPERATURES
     """
     Sum over feature names of the mean drift_loss. gen/pos/neg: dicts name -> (Nc, N*, L, C), classes first;
     w_neg (Nc, Nn) the per-class CFG weight. Each location is its own drift problem, but all classes and
-    locations of one name share one call, so one distance scale and one force normalization (as official).
+    locations of one name share one distance scale and one force normalization (as official).
+    Names of one width C run as one batch (one _loss call: a few hundred kernels, not that many per name).
     attraction, repulsion, softmax: the ablations of drift_loss.
     """
-    total, info = 0.0, {}
+    batches = {}  # (Ng, Np, Nn, C) -> names
     for name, g in gen.items():
         if name not in pos or (neg is not None and name not in neg):
             raise ValueError(f"expected every feature of gen in pos and neg, {name} is missing")
         p, n = pos[name], None if neg is None else neg[name]
         _check(g, p, n, {"w_neg": (w_neg, n)}, temperatures, softmax, "(Nc, N, L, C)", f"feature {name}: ")
-        # Every (class, location) is its own group: (Nc, N, L, C) -> (Nc, L, N, C) views, folded by _loss's copy.
-        w = None if w_neg is None else w_neg[:, None, :].expand(g.shape[0], g.shape[2], -1)  # (Nc, L, Nn)
-        loss, scale, mean_sq = _loss(g.transpose(1, 2), p.transpose(1, 2), None if n is None else n.transpose(1, 2),
-                                     None, None, w, temperatures, reduce, attraction, repulsion, softmax)
-        loss = loss.mean()
-        total = total + loss
+        batches.setdefault((g.shape[1], p.shape[1], 0 if n is None else n.shape[1], g.shape[3]), []).append(name)
+    total, results = 0.0, {}
+    for names in batches.values():
+        sets = []
+        for name in names:
+            # Every (class, location) is its own group: (Nc, N, L, C) -> (Nc, L, N, C) views, folded by _loss's copy.
+            g, p, n = gen[name], pos[name], None if neg is None else neg[name]
+            w = None if w_neg is None else w_neg[:, None, :].expand(g.shape[0], g.shape[2], -1)  # (Nc, L, Nn)
+            sets.append((g.transpose(1, 2), p.transpose(1, 2), None if n is None else n.transpose(1, 2), None, None, w))
+        _, loss, scale, mean_sq = _loss(sets, temperatures, reduce, attraction, repulsion, softmax)
+        total = total + loss.sum()
+        results.update({name: (loss[i], scale[i], mean_sq[i]) for i, name in enumerate(names)})
+    info = {}
+    for name in gen:  # info in the order of gen
+        loss, scale, mean_sq = results[name]
         info[f"loss/{name}"] = loss.detach()
         info.update({f"{k}/{name}": v for k, v in _info(scale, mean_sq, temperatures).items()})
     return total, info

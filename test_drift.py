@@ -298,6 +298,49 @@ def test_feature_drift_loss_takes_feature_sets_views(memory_format):
     torch.testing.assert_close(feature_drift_loss(gen, pos)[0], feature_drift_loss(contiguous(gen), contiguous(pos))[0])
 
 
+def equal_width_inputs(Nc=2, Ng=4, Np=3, Nn=2):
+    # three names, two of width 5 at different scales (so a shared normalization would change their losses)
+    shapes, spread = {"loc": (4, 5), "mean": (1, 5), "other": (2, 3)}, {"loc": 1.0, "mean": 10.0, "other": 1.0}
+    sets = [{k: spread[k] * randn(Nc, N, L, C, seed=10 * j + i) for i, (k, (L, C)) in enumerate(shapes.items())}
+            for j, N in enumerate((Ng, Np, Nn))]
+    return (*sets, torch.tensor([[0.0, 0.0], [1.5, 1.5]]))
+
+
+def test_feature_drift_loss_batches_equal_widths():
+    # names of one width share one computation: reduce is called twice (scale, force) per width, not per name
+    gen, pos, neg, w_neg = equal_width_inputs()
+    calls = []
+    feature_drift_loss(gen, pos, neg, w_neg, reduce=lambda t: calls.append(t.shape) or t)
+    assert len(calls) == 4
+
+
+def test_feature_drift_loss_batched_equals_each_name_alone():
+    # batched names keep their own statistics: loss and every info entry equal those of each name computed alone
+    gen, pos, neg, w_neg = equal_width_inputs()
+    total, info = feature_drift_loss(gen, pos, neg, w_neg)
+    alone = [feature_drift_loss({k: gen[k]}, {k: pos[k]}, {k: neg[k]}, w_neg) for k in gen]
+    torch.testing.assert_close(total, sum(t for t, _ in alone))
+    torch.testing.assert_close(info, {k: v for _, i in alone for k, v in i.items()})
+
+
+def test_feature_drift_loss_reduce_two_ranks_equal_full_batch():
+    # classes split over two ranks with a mean all-reduce give the full batch's loss, each name's scale its own
+    gen, pos, neg, w_neg = equal_width_inputs(Nc=4)
+    pos["loc"][2:] += 3.0  # the halves' statistics differ
+    full, full_info = feature_drift_loss(gen, pos, neg, w_neg.repeat(2, 1))
+    for_rank, results = make_fake_allreduce(2), {}
+
+    def run(rank):
+        half = lambda d: {k: v[2 * rank:2 * rank + 2] for k, v in d.items()}  # noqa: E731
+        results[rank] = feature_drift_loss(half(gen), half(pos), half(neg), w_neg, reduce=for_rank(rank))
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    torch.testing.assert_close((results[0][0] + results[1][0]) / 2, full)
+    torch.testing.assert_close({k: v for k, v in results[0][1].items() if not k.startswith("loss/")},
+                               {k: v for k, v in full_info.items() if not k.startswith("loss/")})
+
+
 def test_cfg_weight_closed_form():
     # alpha = ((n_gen - 1) + n_unc w) / (n_gen - 1), so alpha = 1 gives w = 0
     alpha = torch.tensor([1.0, 1.5, 4.0])
