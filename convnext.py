@@ -15,7 +15,6 @@ References: Woo et al. 2023, "ConvNeXt V2" (arXiv 2301.00808); Liu et al. 2022, 
 2020s" (arXiv 2201.03545).
 """
 
-import json
 import os
 import urllib.error
 import urllib.request
@@ -23,6 +22,8 @@ import urllib.request
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from vae import read_safetensors
 
 _CNX_IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _CNX_IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -216,29 +217,10 @@ def convnext_state_dict_from_hf(hf_state):
     return out
 
 
-def _cnx_read_safetensors(path):
-    """Minimal .safetensors reader: u64 little-endian header length, JSON header, raw bytes."""
-    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32}
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        data = f.read()
-    tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        dtype = dtypes[info["dtype"]]
-        # A bytearray copy gives each tensor its own writable memory; frombuffer rejects 0 bytes.
-        flat = torch.frombuffer(bytearray(data[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
-        tensors[key] = flat.reshape(info["shape"])
-    return tensors
-
-
 def _cnx_read_checkpoint(path):
     """State dict of a .safetensors file, or of a torch-saved .bin / .pt file."""
     if path.endswith(".safetensors"):
-        return _cnx_read_safetensors(path)
+        return read_safetensors(path)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import model as M
-from model import DiT, DiT_models, load_official, read_msgpack
+from model import DiT_models, load_official, read_msgpack
 
 torch.set_num_threads(1)
 TINY = dict(input_size=8, in_channels=4, num_classes=10)  # T/2 on an 8x8x4 latent: 16 patch tokens

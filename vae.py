@@ -159,7 +159,8 @@ class AutoencoderKL(nn.Module):
 
 
 # ----------------------------------------------------------------------------- loading
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32}
 
 
 def read_safetensors(path):
