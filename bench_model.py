@@ -76,7 +76,7 @@ if args.small:
 else:  # per-GPU generated batch of the ablation (4096 over 8 GPUs); 1024 (8192 / 8) does not fit L/2
     runs = [("gen B/2", bench_generator, "B/2", 512, {}),
             ("MAE latent_256 enc fwd+bwd-to-input", bench_encoder, "latent_256", 512, {}),
-            ("gen L/2", bench_generator, "L/2", 512, {}), ("gen B/16", bench_generator, "B/16", 512, {}),
+            ("gen L/2", bench_generator, "L/2", 512, {}), ("gen B/16", bench_generator, "B/16", 1024, {}),
             ("gen L/16", bench_generator, "L/16", 512, {}),
             ("MAE latent_640 enc fwd+bwd-to-input", bench_encoder, "latent_640", 512, {})]
 
