@@ -12,9 +12,7 @@ Benchmark of fid.py on one GPU; prints a table.
     python bench_fid.py --weights default_1.pt --fmnist /usr/share/datasets/fashion-mnist
 """
 import argparse
-import gzip
 import shlex
-import struct
 import sys
 import time
 
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 import fid
+from train import fmnist_files, read_idx
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--weights", default=None, help="pytorch-fid .pth or NVIDIA-layout TorchScript")
@@ -113,19 +112,11 @@ for what, batch_size, n, seconds in rows:
 print(f"\nTF32 vs fp32 pool3 features, relative L2 error: {tf32_error:.2e}")
 
 
-# 2. Fashion-MNIST train (random 10k) vs test (10k)
-def read_idx_images(path):
-    # IDX3: magic, count, rows, cols as big-endian int32, then uint8 pixels
-    with gzip.open(path) as f:
-        data = f.read()
-    n, h, w = struct.unpack(">III", data[4:16])
-    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, h, w)
-
-
+# 2. Fashion-MNIST train (random 10k) vs test (10k), read by train.py's IDX reader
 if args.fmnist:
-    train = read_idx_images(f"{args.fmnist}/train-images-idx3-ubyte.gz")
-    test = read_idx_images(f"{args.fmnist}/t10k-images-idx3-ubyte.gz")
-    subset = train[np.sort(np.random.default_rng(0).choice(len(train), args.fmnist_images, replace=False))]
+    train_images, test = (read_idx(fmnist_files(args.fmnist, split)[0]) for split in ("train", "test"))
+    subset = train_images[np.sort(np.random.default_rng(0).choice(len(train_images), args.fmnist_images,
+                                                                  replace=False))]
     test = test[:args.fmnist_images]
     t0 = time.perf_counter()
     mu_train, sigma_train = fid.compute_statistics(subset, model, best, device, progress=False)
