@@ -34,6 +34,7 @@ parser.add_argument("--iters", type=int, default=10, help="timed iterations per 
 parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation)")
 parser.add_argument("--small", action="store_true", help="tiny models on the CPU, a smoke run")
 parser.add_argument("--no_compile", action="store_true")
+parser.add_argument("--remat", action="store_true", help="recompute DiT blocks in the backward (train.py --remat)")
 parser.add_argument("--convnext", action="store_true", help="pixel models: ConvNeXt-V2-Base features too "
                     "(random weights: the speed does not depend on them), e.g. --model B/16 --encoder pixel_640")
 args = parser.parse_args()
@@ -50,6 +51,7 @@ sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 torch.manual_seed(0)
 
 gen = DiT_models[args.model](**({"input_size": 32} if args.small else {})).to(device)
+gen.remat = args.remat
 enc = MAE_models[args.encoder](in_channels=gen.in_channels).eval().requires_grad_(False)
 enc = enc.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 cnx = ConvNeXt_models["base"]().eval().requires_grad_(False).to(device) if args.convnext else None

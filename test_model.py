@@ -136,6 +136,23 @@ def test_style_indices_change_the_sample():
     assert not torch.allclose(a, b)
 
 
+def test_remat_gives_the_same_gradients():
+    # recomputing blocks in the backward (train.py --remat) changes memory, not the math
+    torch.manual_seed(0)
+    model = DiT_models["T/2"]()
+    for p in model.parameters():  # leave adaLN-zero, so that every block takes part
+        p.data.normal_(0, 0.05)
+    noise, style = model.draw_inputs(range(2))
+    grads = []
+    for remat in (False, True):
+        model.remat = remat
+        model.zero_grad()
+        model(noise, torch.tensor([1, 2]), 1.5, style).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_bf16_autocast_close_to_float32():
     # mixed precision changes the sample only at bf16 rounding level
     model = tiny()

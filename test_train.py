@@ -107,6 +107,13 @@ def test_gen_stage_writes_grid(fmnist, mae_ckpt, tmp_path):
     assert os.path.exists(tmp_path / "ckpt.pt") and os.path.exists(tmp_path / "grid_000002.png")
 
 
+def test_minutes_ends_the_run_early_with_checkpoint_and_grid(fmnist, mae_ckpt, tmp_path):
+    # --minutes 0.0001 is over at the first log step: the run ends there as it would at --steps
+    run_gen(fmnist, mae_ckpt, tmp_path, "--steps", "50", "--minutes", "0.0001", "--sample_every", "25")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
+    assert os.path.exists(tmp_path / "grid_000001.png")
+
+
 def test_resume_is_exact(fmnist, mae_ckpt, tmp_path):
     # 4 steps straight equal 2 steps + resume + 2 steps, bit for bit (weights, EMA, queue)
     straight = run_gen(fmnist, mae_ckpt, tmp_path / "a", "--steps", "4", "--ckpt_every", "4")

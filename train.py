@@ -50,7 +50,7 @@ STAGE_DEFAULTS = {
                 encoder="runs/mae/ckpt.pt"),
 }
 # Small runs: `--stage mae --preset P`, then `--stage gen --preset P` (which finds that encoder).
-# fmnist: one H100, MAE ~1 min + generator ~4 min + FID of 10k samples against the test set, ~8 min in all.
+# fmnist: on one H200, MAE 1.5 min (1500 steps) + generator 6 min (3000 steps) + FID of 10k samples vs the test set.
 # fmnist_cpu: a smoke run of the whole pipeline on a CPU in a few minutes (blurry samples, no FID).
 FMNIST = dict(dataset="fmnist", data="data/fashion-mnist", log_every=50, ckpt_every=500, sample_every=500)
 PRESETS = {
@@ -90,6 +90,8 @@ def get_args(argv=None):
     p.add_argument("--convnext", default="none", help="gen, pixel models (Table 8): drift on ConvNeXt-V2-Base "
                    "features too: 'base' (pretrained, downloaded once), a local file of that checkpoint, or none")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--minutes", type=float, default=0, help="stop at the first log step after this many minutes "
+                   "of the training loop (0: no limit); the run then ends as at --steps (checkpoint, grid, FID)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (constant after warmup)")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (all parameters)")
@@ -132,6 +134,8 @@ def get_args(argv=None):
     p.add_argument("--fid_weights", default=None, help="Inception weights for fid.load_inception (default: cached)")
     p.add_argument("--vae", default="mse", help="vae.load_vae argument, to decode latent grids and FID samples")
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile (used by default on GPU)")
+    p.add_argument("--remat", action="store_true", help="gen: recompute each DiT block in the backward (official "
+                   "use_remat): one more generator forward per step; the ablation shape per GPU then fits an 80 GB card")
     args, _ = p.parse_known_args(argv)
     p.set_defaults(**{**STAGE_DEFAULTS[args.stage], **PRESETS.get(args.preset, {}).get(args.stage, {})})
     return p.parse_args(argv)
@@ -450,6 +454,7 @@ def main(argv=None):
             raise ValueError(f"--model must be one of {list(DiT_models)} for --stage gen, got {args.model}")
         raw_model = DiT_models[args.model](input_size=args.input_size, in_channels=args.in_channels,
                                            num_classes=args.num_classes).to(device)
+        raw_model.remat = args.remat
         encoder = load_encoder(args.encoder, args.in_channels)
         layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # cuDNN's bf16 convs
         if encoder is not None:
@@ -462,7 +467,7 @@ def main(argv=None):
             convnext = convnext.to(device, memory_format=layout)
         ablation = dict(attraction=args.attraction, repulsion=args.repulsion, softmax=args.softmax)
         fwd_flops = raw_model.flops_per_sample()
-        enc_flops = encoder.flops_per_sample() if encoder is not None else 0
+        enc_flops = encoder.flops_per_sample(args.input_size) if encoder is not None else 0
         enc_flops += convnext.flops_per_sample(args.input_size) if convnext is not None else 0
         n_gen, n_real = args.nc * args.n_neg, args.nc * (args.n_pos + args.n_unc)
         # generator fwd+bwd 3x; encoder on generated samples forward + backward to its input (no weight
@@ -475,7 +480,7 @@ def main(argv=None):
         # the ResNet always runs on a 32x32 grid: 256x256 pixels are patchified 8x8 first (SPEC 4)
         raw_model = MAE_models[args.model](in_channels=args.in_channels, num_classes=args.num_classes,
                                            input_patch_size=args.input_size // 32).to(device)
-        flops_per_step = 3 * args.batch_size * raw_model.flops_per_sample(with_decoder=True)
+        flops_per_step = 3 * args.batch_size * raw_model.flops_per_sample(args.input_size, with_decoder=True)
         images_per_step = args.batch_size
     emas = {d: copy.deepcopy(raw_model).requires_grad_(False).eval() for d in args.ema_decays}
     print0(f"{args.stage}: {args.model} {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters, "
@@ -528,7 +533,8 @@ def main(argv=None):
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     if gen_stage:
         # The drift loss stays eager: compiled together with the encoder, its ~90 feature sets x 3 temperatures
-        # make a graph of ~16k nodes that takes many minutes to compile.
+        # make a graph of ~16k nodes that takes many minutes to compile; compiled alone (per feature width) it ran
+        # 7% faster on an H100 and hit an inductor shape error on one Fashion-MNIST layout (torch 2.11).
         features = lambda x: encoder_features(encoder, x, convnext)  # noqa: E731
         features = torch.compile(features, dynamic=False) if use_compile else features  # reals and gen: 2 graphs
         vae = None
@@ -561,26 +567,28 @@ def main(argv=None):
             save_checkpoint(ckpt_path, state)
         barrier()
 
-    def sample_images(indices, classes, alpha=args.alpha):  # uint8 (B, H, W, C), image i from noise seed i
-        ema = emas[args.ema_decays[0]]
+    def sample_images(indices, classes, alpha=args.alpha, decay=args.ema_decays[0]):  # uint8 (B, H, W, C)
+        ema = emas[decay]  # image i from noise seed i
         return np.concatenate([generate(ema, vae, indices[i:i + 250], classes, alpha, 0, device.type == "cuda")
                                for i in range(0, len(indices), 250)])
 
     fid_state = {}  # the Inception network and the reference statistics, made once
 
-    def evaluate_fid(step, alphas):
+    def evaluate_fid(step, alphas, decays=args.ema_decays[:1]):
         if not fid_state:
             fid_state["net"] = fid.load_inception(args.fid_weights).to(device)
             fid_state["ref"] = (fid.compute_statistics(Data(args.dataset, args.data, "test", device).uint8_images()
                                                        [rank::world], fid_state["net"], device=device, progress=False)
                                 if args.fid_ref == "test" else fid.load_source(args.fid_ref))
-        for alpha in alphas:
-            images = sample_images(list(range(rank, args.fid_n, world)), list(range(data.num_classes)), alpha)
-            mu, sigma = fid.compute_statistics(images, fid_state["net"], device=device, progress=False)
-            print0(f"step {step:6d} | FID {fid.frechet_distance(mu, sigma, *fid_state['ref']):.3f} ({args.fid_n} "
-                   f"samples at alpha {alpha:g}, EMA {args.ema_decays[0]}, reference {args.fid_ref})", flush=True)
+        for decay in decays:
+            for alpha in alphas:
+                images = sample_images(list(range(rank, args.fid_n, world)), list(range(data.num_classes)), alpha,
+                                       decay)
+                mu, sigma = fid.compute_statistics(images, fid_state["net"], device=device, progress=False)
+                print0(f"step {step:6d} | FID {fid.frechet_distance(mu, sigma, *fid_state['ref']):.3f} "
+                       f"({args.fid_n} samples at alpha {alpha:g}, EMA {decay}, reference {args.fid_ref})", flush=True)
 
-    step, t_last = start_step, None
+    step, t_last, t_start = start_step, None, time.perf_counter()
     model.train()
     while step < args.steps:
         torch.manual_seed(step_seed(step, rank))  # masks, noise, posterior samples: a pure function of the step
@@ -642,8 +650,12 @@ def main(argv=None):
                 extra = [info[f"drift_{T:g}/global"] for T in args.temperatures]
             else:
                 drift_T, extra = [info["recon_loss"], info["accuracy"]], []
-            values = mean_over_ranks(torch.stack([loss.detach().float(), grad_norm.float(), *drift_T, *extra]))
-            values = values.tolist()
+            out_of_time = float(args.minutes > 0 and now - t_start > 60 * args.minutes)  # any rank: all stop
+            values = mean_over_ranks(torch.stack([loss.detach().float(), grad_norm.float(), *drift_T, *extra,
+                                                  torch.tensor(out_of_time, device=device)])).tolist()
+            if values.pop() > 0 and step < args.steps:
+                print0(f"--minutes {args.minutes:g} reached: stopping at step {step}")
+                args.steps = step
             line = f"step {step:6d} | loss {values[0]:.4f} | "
             if gen_stage:
                 k = len(args.temperatures)
@@ -686,7 +698,7 @@ def main(argv=None):
     print0(f"done at step {step}: parameter checksum {sums.sum().item():.12e}, "
            f"identical on all {world} processes: {in_sync}")
     if gen_stage and args.fid_ref:
-        evaluate_fid(step, args.fid_alphas or [args.alpha])
+        evaluate_fid(step, args.fid_alphas or [args.alpha], args.ema_decays)  # every EMA at the end
     if ddp:
         dist.destroy_process_group()
     return raw_model
