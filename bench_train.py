@@ -35,6 +35,7 @@ parser.add_argument("--warmup", type=int, default=3, help="untimed iterations fi
 parser.add_argument("--small", action="store_true", help="tiny models on the CPU, a smoke run")
 parser.add_argument("--no_compile", action="store_true")
 parser.add_argument("--remat", action="store_true", help="recompute DiT blocks in the backward (train.py --remat)")
+parser.add_argument("--profile", action="store_true", help="then profile 3 whole steps: the top kernels and ops")
 parser.add_argument("--convnext", action="store_true", help="pixel models: ConvNeXt-V2-Base features too "
                     "(random weights: the speed does not depend on them), e.g. --model B/16 --encoder pixel_640")
 args = parser.parse_args()
@@ -50,8 +51,7 @@ maybe_compile = (lambda f: torch.compile(f, dynamic=False)) if use_compile else 
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 torch.manual_seed(0)
 
-gen = DiT_models[args.model](**({"input_size": 32} if args.small else {})).to(device)
-gen.remat = args.remat
+gen = DiT_models[args.model](remat=args.remat, **({"input_size": 32} if args.small else {})).to(device)
 enc = MAE_models[args.encoder](in_channels=gen.in_channels).eval().requires_grad_(False)
 enc = enc.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 cnx = ConvNeXt_models["base"]().eval().requires_grad_(False).to(device) if args.convnext else None
@@ -169,3 +169,13 @@ for part, t in times.items():
 print(f"{'sum of parts':40s} {'':10s} {1e3 * sum(times.values()):9.2f}")
 print(f"{'whole step':40s} {model_flops / 1e9:10.1f} {1e3 * step_time:9.2f} {model_flops / step_time / 1e12:9.1f}")
 print(f"{n_gen / step_time:.0f} generated img/s per GPU | MFU {mfu} | peak memory {memory:.1f} GiB")
+
+if args.profile:  # where a step's time goes: GPU kernels by total time, and the host time of the ops
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                          if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            train_step()
+        sync()
+    by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=60))

@@ -168,7 +168,7 @@ class DiT(nn.Module):
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, num_classes=1000, num_register_tokens=16, num_style_tokens=32, style_vocab=64,
-                 cond_dim=None):
+                 cond_dim=None, remat=False):
         super().__init__()
         if input_size % patch_size or hidden_size % num_heads or (hidden_size // num_heads) % 2:
             raise ValueError(f"need input_size divisible by patch_size and hidden_size by num_heads into an even "
@@ -194,7 +194,7 @@ class DiT(nn.Module):
         self.register_embed = nn.Parameter(torch.zeros(1, num_register_tokens, hidden_size))
         self.blocks = nn.ModuleList(Block(hidden_size, num_heads, self.mlp_hidden, cond_dim) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, self.patch_dim, cond_dim)
-        self.remat = False  # activation checkpointing per block: less memory for ~1/3 more generator compute
+        self.remat = remat  # activation checkpointing per block: less memory for ~1/3 more generator compute
         self.initialize_weights()
 
     def initialize_weights(self):

@@ -453,8 +453,7 @@ def main(argv=None):
         if args.model not in DiT_models:
             raise ValueError(f"--model must be one of {list(DiT_models)} for --stage gen, got {args.model}")
         raw_model = DiT_models[args.model](input_size=args.input_size, in_channels=args.in_channels,
-                                           num_classes=args.num_classes).to(device)
-        raw_model.remat = args.remat
+                                           num_classes=args.num_classes, remat=args.remat).to(device)
         encoder = load_encoder(args.encoder, args.in_channels)
         layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # cuDNN's bf16 convs
         if encoder is not None:
