@@ -140,7 +140,7 @@ def test_remat_gives_the_same_gradients():
     # recomputing blocks in the backward (train.py --remat) changes memory, not the math
     torch.manual_seed(0)
     model = DiT_models["T/2"]()
-    for p in model.parameters():  # leave adaLN-zero, so that every block takes part
+    for p in model.parameters():  # off the adaLN-zero init, so that every block takes part
         p.data.normal_(0, 0.05)
     noise, style = model.draw_inputs(range(2))
     grads = []

@@ -135,7 +135,7 @@ def get_args(argv=None):
     p.add_argument("--vae", default="mse", help="vae.load_vae argument, to decode latent grids and FID samples")
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile (used by default on GPU)")
     p.add_argument("--remat", action="store_true", help="gen: recompute each DiT block in the backward (official "
-                   "use_remat): one more generator forward per step; the ablation shape per GPU then fits an 80 GB card")
+                   "use_remat): one more generator forward per step; the ablation shape then fits an 80 GB card")
     args, _ = p.parse_known_args(argv)
     p.set_defaults(**{**STAGE_DEFAULTS[args.stage], **PRESETS.get(args.preset, {}).get(args.stage, {})})
     return p.parse_args(argv)
