@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import fid
-from train import fmnist_files, read_idx
+from data import fmnist_files, read_idx
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--weights", default=None, help="pytorch-fid .pth or NVIDIA-layout TorchScript")

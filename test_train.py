@@ -11,7 +11,6 @@ import torch
 
 import train
 from convnext import ConvNeXtV2
-from train import SampleQueue
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_GEN = ["--stage", "gen", "--dataset", "fmnist", "--model", "T/2", "--nc", "2", "--n_pos", "4", "--n_neg", "4",
@@ -64,28 +63,10 @@ def file_hash(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def test_queue_draw_has_no_duplicates_and_stays_in_class():
-    # each row of a draw is n distinct items, all of the drawn class
-    q = SampleQueue(3, 8, "cpu")
-    ids = torch.arange(24)
-    q.push(ids, ids % 3)
-    rows = q.draw(torch.tensor([0, 1, 2, 2]), 8, torch.Generator().manual_seed(0))
-    assert all(len(set(r.tolist())) == 8 and set(r.remainder(3).tolist()) == {c} for r, c in zip(rows, [0, 1, 2, 2]))
 
 
-def test_queue_evicts_oldest_first():
-    # after 21 pushes into a queue of 8 (one push larger than the queue), it holds exactly the newest 8
-    q = SampleQueue(1, 8, "cpu")
-    for chunk in (torch.arange(0, 3), torch.arange(3, 15), torch.arange(15, 21)):
-        q.push(chunk, torch.zeros_like(chunk))
-    assert sorted(q.draw(torch.tensor([0]), 8, torch.Generator())[0].tolist()) == list(range(13, 21))
 
 
-def test_queue_draws_only_filled_slots():
-    # a queue holding 3 items draws exactly those 3
-    q = SampleQueue(2, 8, "cpu")
-    q.push(torch.tensor([5, 6, 7]), torch.tensor([1, 1, 1]))
-    assert sorted(q.draw(torch.tensor([1]), 3, torch.Generator())[0].tolist()) == [5, 6, 7]
 
 
 def test_preset_sets_defaults_and_flags_win():
@@ -135,15 +116,6 @@ def test_two_process_gloo_run_stays_in_sync(fmnist, mae_ckpt, tmp_path):
     assert "identical on all 2 processes: True" in result.stdout, result.stdout + result.stderr
 
 
-def test_latent_cache_fetch_picks_flip_and_samples(tmp_path):
-    # with zero std the posterior sample is the stored mean, of the flipped image for odd item ids
-    moments = np.zeros((3, 2, 2, 4, 32, 32), dtype=np.float16)
-    moments[:, 1, 0] = 1.0  # mean of the flipped image
-    np.save(tmp_path / "train_moments.npy", moments)
-    np.save(tmp_path / "train_labels.npy", np.array([0, 1, 2]))
-    data = train.Data("imagenet", str(tmp_path), "train", "cpu")
-    x = data.fetch(torch.tensor([0, 3]))  # image 0 as is, image 1 flipped
-    assert data.shape == (4, 32, 32) and x[0].eq(0).all() and x[1].eq(1).all()
 
 
 def test_latent_cache_trains(tmp_path):
@@ -156,14 +128,6 @@ def test_latent_cache_trains(tmp_path):
     assert model.in_channels == 4 and all(p.isfinite().all() for p in model.parameters())
 
 
-def test_pixel_cache_fetch_flips(tmp_path):
-    # item id 2i+1 is image i mirrored left-right, scaled to [-1, 1]
-    pixels = np.random.default_rng(0).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
-    np.save(tmp_path / "train_pixels.npy", pixels)
-    np.save(tmp_path / "train_labels.npy", np.array([0, 1]))
-    data = train.Data("imagenet_pixels", str(tmp_path), "train", "cpu")
-    x, x_flip = data.fetch(torch.tensor([2, 3]))
-    assert torch.equal(x_flip, x.flip(-1)) and x.min() >= -1 and x.max() <= 1 and x.shape == (3, 256, 256)
 
 
 def test_pixel_run_with_convnext_trains(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ Train a Drifting Model (Deng et al. 2026) in its two stages, with one script.
                hidden area, optionally a classification fine-tune over the last steps.
   --stage gen  train the one-step DiT generator with the drifting loss (SPEC 3, 6, 7) in the frozen encoder's
                feature space: each step N_c classes, N_neg generated, N_pos positives and N_unc unconditional
-               reals per class, the reals drawn from MoCo-like sample queues.
+               reals per class, the reals drawn from MoCo-like sample queues (data.py).
 
 Defaults are the paper's Table 8 "ablation" column (latent DiT-B/2, latent MAE of width 256), as the official
 configs/gen/latent_ablation.yaml and configs/mae/latent_ablation_256.yaml. --preset picks small settings for
@@ -21,24 +21,20 @@ in the model and a dozen lines of step.
 """
 import argparse
 import copy
-import gzip
-import math
 import os
-import pickle
 import time
-import urllib.request
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import drift
 import fid
 from convnext import load_convnext_v2
+from data import Data, SampleQueue, Stream, download_fmnist, random_resized_crop
 from model import DiT_models, MAE_models, load_official
 from sample import generate, make_grid, save_png
 from vae import load_vae
@@ -68,7 +64,6 @@ PRESETS = {
                     encoder="runs/fmnist_cpu_mae/ckpt.pt"),
     },
 }
-FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 PEAK_TFLOPS = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312))  # dense bf16, by device name
 
 
@@ -139,182 +134,6 @@ def get_args(argv=None):
     args, _ = p.parse_known_args(argv)
     p.set_defaults(**{**STAGE_DEFAULTS[args.stage], **PRESETS.get(args.preset, {}).get(args.stage, {})})
     return p.parse_args(argv)
-
-
-# -----------------------------------------------------------------------------
-# Data: every dataset is an array of images or latents plus labels; item id = index * 2 + horizontal flip.
-
-def read_idx(path):
-    """An IDX ubyte array (the MNIST file format), gzipped."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path}: not an IDX ubyte file (expected the official Fashion-MNIST .gz files)")
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
-
-
-def fmnist_files(root, split):
-    prefix = "train" if split == "train" else "t10k"
-    return [os.path.join(root, f"{prefix}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1")]
-
-
-def download_fmnist(root):
-    """Fetch the official files that are missing from root (Zalando's Fashion-MNIST mirror)."""
-    for path in fmnist_files(root, "train") + fmnist_files(root, "test"):
-        if os.path.exists(path):
-            continue
-        os.makedirs(root, exist_ok=True)
-        try:
-            urllib.request.urlretrieve(FMNIST_URL + os.path.basename(path), path + ".part")
-        except OSError as err:
-            raise ValueError(f"Fashion-MNIST not found in {root} and the download failed ({err}). Copy the four "
-                             "official *-ubyte.gz files there, or on Debian `apt-get install dataset-fashion-mnist` "
-                             "and pass --data /usr/share/datasets/fashion-mnist") from err
-        os.replace(path + ".part", path)
-
-
-class Data:
-    """A labelled set in one array: small image sets as a uint8 (N, C, 32, 32) tensor on the device (no loader),
-    ImageNet caches as memory-mapped numpy arrays read per batch. fetch(ids) -> float model inputs on `device`."""
-
-    def __init__(self, name, root, split, device):
-        self.name, self.device, self.flip = name, device, name != "fmnist"  # gray clothes keep their side
-        if name == "fmnist":
-            images, labels = (read_idx(f) for f in fmnist_files(root, split))
-            if images.ndim != 3 or images.shape[1:] != (28, 28) or len(labels) != len(images):
-                raise ValueError(f"{root}: expected 28x28 Fashion-MNIST images with one label each")
-            images = np.pad(images, ((0, 0), (2, 2), (2, 2)))[:, None]  # 28 -> 32 with the black background
-        elif name == "cifar10":
-            nested = os.path.join(root, "cifar-10-batches-py")  # the folder the official tarball unpacks to
-            folder = nested if os.path.isdir(nested) else root
-            files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-            if not all(os.path.exists(os.path.join(folder, f)) for f in files):
-                raise ValueError(f"{root}: expected the CIFAR-10 python batches (data_batch_1..5, test_batch)")
-            batches = []
-            for f in files:
-                with open(os.path.join(folder, f), "rb") as fh:
-                    batches.append(pickle.load(fh, encoding="bytes"))
-            images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
-            labels = np.concatenate([b[b"labels"] for b in batches])
-        else:
-            kind = "pixels" if name == "imagenet_pixels" else "moments"
-            path, label_path = (os.path.join(root, f"{split}_{k}.npy") for k in (kind, "labels"))
-            if not (os.path.exists(path) and os.path.exists(label_path)):
-                raise ValueError(f"{root}: expected {os.path.basename(path)} and {split}_labels.npy "
-                                 f"written by prepare_imagenet.py{' --pixels' if kind == 'pixels' else ''}")
-            images, labels = np.load(path, mmap_mode="r"), np.load(label_path)
-        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-        self.num_classes = int(self.labels.max()) + 1
-        if name in ("fmnist", "cifar10"):
-            self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)  # (N, C, 32, 32) uint8
-            self.labels = self.labels.to(device)
-            self.shape = tuple(self.images.shape[1:])
-        else:
-            self.images = images  # memmap: (N, 2 flips, 2 [mean, std], 4, 32, 32) float16 or (N, 256, 256, 3) uint8
-            self.shape = images.shape[3:] if name == "imagenet" else (3, *images.shape[1:3])
-        if len(self.labels) != len(images):
-            raise ValueError(f"{root}: {len(images)} images but {len(self.labels)} labels")
-
-    def __len__(self):
-        return len(self.labels)
-
-    def fetch(self, ids):
-        """(B,) item ids on self.labels.device -> (B, C, H, W) float on self.device."""
-        index, flip = ids // 2, (ids % 2).bool()
-        if self.name == "imagenet":  # a fresh posterior sample each time, of the flipped image when flip
-            moments = self.images[index.cpu().numpy(), flip.long().cpu().numpy()]  # (B, 2, 4, 32, 32)
-            moments = torch.from_numpy(moments).to(self.device).float()
-            return moments[:, 0] + moments[:, 1] * torch.randn_like(moments[:, 0])
-        if self.name == "imagenet_pixels":
-            x = torch.from_numpy(self.images[index.cpu().numpy()]).to(self.device).permute(0, 3, 1, 2)
-            flip = flip.to(self.device)
-        else:
-            x = self.images[index]
-        x = x.float() / 127.5 - 1.0
-        return torch.where(flip[:, None, None, None], x.flip(-1), x) if self.flip else x
-
-    def uint8_images(self):
-        """(N, H, W, C) uint8 of a small image set (fmnist, cifar10), for FID reference statistics."""
-        return self.images.permute(0, 2, 3, 1).cpu().numpy()
-
-
-class Stream:
-    """The order real samples arrive in: endless epochs, each a seeded permutation with a random flip per item,
-    the same on every rank. Position -> item id is a pure function, so a checkpoint stores only a position."""
-
-    def __init__(self, n, seed, flip):
-        self.n, self.seed, self.flip, self.cached = n, seed, flip, (None, None)
-
-    def epoch(self, e):
-        if self.cached[0] != e:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
-            order = torch.randperm(self.n, generator=g) * 2
-            self.cached = (e, order + torch.randint(2, (self.n,), generator=g) if self.flip else order)
-        return self.cached[1]
-
-    def take(self, position, count):
-        """Item ids at stream positions [position, position + count), as a CPU long tensor."""
-        parts = []
-        while count > 0:
-            e, offset = divmod(position, self.n)
-            k = min(count, self.n - offset)
-            parts.append(self.epoch(e)[offset:offset + k])
-            position, count = position + k, count - k
-        return torch.cat(parts)
-
-
-class SampleQueue:
-    """Per-class FIFO of item ids (SPEC 7; official memory_bank.py): push appends, evicting the oldest, and
-    draw samples without replacement. Ids rather than tensors keep it tiny: images are fetched at draw time
-    (and latents sampled fresh from their posterior). One extra trash column absorbs the writes of items
-    that a single push both adds and evicts, so pushes never sync with the host."""
-
-    def __init__(self, num_classes, size, device):
-        self.size = size
-        self.ids = torch.zeros(num_classes, size + 1, dtype=torch.long, device=device)
-        self.head = torch.zeros(num_classes, dtype=torch.long, device=device)   # next slot to write
-        self.count = torch.zeros(num_classes, dtype=torch.long, device=device)  # valid entries
-
-    def push(self, ids, labels):
-        labels, order = labels.sort(stable=True)  # group by class, keeping arrival order within a class
-        ids = ids[order]
-        per_class = torch.bincount(labels, minlength=len(self.count))
-        first = per_class.cumsum(0) - per_class
-        rank_in_class = torch.arange(len(ids), device=ids.device) - first[labels]
-        survives = rank_in_class >= per_class[labels] - self.size  # only a class's newest `size` items stay
-        slot = torch.where(survives, (self.head[labels] + rank_in_class) % self.size, self.size)
-        self.ids[labels, slot] = ids
-        self.head = (self.head + per_class) % self.size
-        self.count = (self.count + per_class).clamp(max=self.size)
-
-    def draw(self, labels, n, generator):
-        """(len(labels), n) ids; each row without replacement from its class's queue (needs count >= n)."""
-        keys = torch.rand(len(labels), self.size, generator=generator, device=self.ids.device)
-        valid = torch.arange(self.size, device=keys.device) < self.count[labels, None]
-        slots = keys.masked_fill(~valid, 2.0).argsort(dim=1)[:, :n]  # random valid slots first
-        return self.ids[labels[:, None], slots]
-
-    def state_dict(self):
-        return {"ids": self.ids, "head": self.head, "count": self.count}
-
-    def load_state_dict(self, state):
-        self.ids, self.head, self.count = (state[k].to(self.ids.device) for k in ("ids", "head", "count"))
-
-
-def random_resized_crop(x, min_area, generator=None):
-    """torchvision's RandomResizedCrop(scale=(min_area, 1), ratio=(3/4, 4/3)) on a batch, as one grid_sample.
-    Crops wider than the image are clamped instead of resampled."""
-    B = x.shape[0]
-    u = torch.rand(4, B, generator=generator, device=x.device)
-    area = min_area + (1 - min_area) * u[0]
-    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[1])
-    w, h = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # fractions of the side
-    theta = torch.zeros(B, 2, 3, device=x.device)
-    theta[:, 0, 0], theta[:, 1, 1] = w, h
-    theta[:, 0, 2], theta[:, 1, 2] = (2 * u[2] - 1) * (1 - w), (2 * u[3] - 1) * (1 - h)  # crop centre
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 # -----------------------------------------------------------------------------

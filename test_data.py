@@ -1,0 +1,50 @@
+"""Tests of data.py on the CPU: the sample queues and the ImageNet caches of prepare_imagenet.py."""
+import numpy as np
+import torch
+
+from data import Data, SampleQueue
+
+
+def test_queue_draw_has_no_duplicates_and_stays_in_class():
+    # each row of a draw is n distinct items, all of the drawn class
+    q = SampleQueue(3, 8, "cpu")
+    ids = torch.arange(24)
+    q.push(ids, ids % 3)
+    rows = q.draw(torch.tensor([0, 1, 2, 2]), 8, torch.Generator().manual_seed(0))
+    assert all(len(set(r.tolist())) == 8 and set(r.remainder(3).tolist()) == {c} for r, c in zip(rows, [0, 1, 2, 2]))
+
+
+def test_queue_evicts_oldest_first():
+    # after 21 pushes into a queue of 8 (one push larger than the queue), it holds exactly the newest 8
+    q = SampleQueue(1, 8, "cpu")
+    for chunk in (torch.arange(0, 3), torch.arange(3, 15), torch.arange(15, 21)):
+        q.push(chunk, torch.zeros_like(chunk))
+    assert sorted(q.draw(torch.tensor([0]), 8, torch.Generator())[0].tolist()) == list(range(13, 21))
+
+
+def test_queue_draws_only_filled_slots():
+    # a queue holding 3 items draws exactly those 3
+    q = SampleQueue(2, 8, "cpu")
+    q.push(torch.tensor([5, 6, 7]), torch.tensor([1, 1, 1]))
+    assert sorted(q.draw(torch.tensor([1]), 3, torch.Generator())[0].tolist()) == [5, 6, 7]
+
+
+def test_latent_cache_fetch_picks_flip_and_samples(tmp_path):
+    # with zero std the posterior sample is the stored mean, of the flipped image for odd item ids
+    moments = np.zeros((3, 2, 2, 4, 32, 32), dtype=np.float16)
+    moments[:, 1, 0] = 1.0  # mean of the flipped image
+    np.save(tmp_path / "train_moments.npy", moments)
+    np.save(tmp_path / "train_labels.npy", np.array([0, 1, 2]))
+    data = Data("imagenet", str(tmp_path), "train", "cpu")
+    x = data.fetch(torch.tensor([0, 3]))  # image 0 as is, image 1 flipped
+    assert data.shape == (4, 32, 32) and x[0].eq(0).all() and x[1].eq(1).all()
+
+
+def test_pixel_cache_fetch_flips(tmp_path):
+    # item id 2i+1 is image i mirrored left-right, scaled to [-1, 1]
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    np.save(tmp_path / "train_pixels.npy", pixels)
+    np.save(tmp_path / "train_labels.npy", np.array([0, 1]))
+    data = Data("imagenet_pixels", str(tmp_path), "train", "cpu")
+    x, x_flip = data.fetch(torch.tensor([2, 3]))
+    assert torch.equal(x_flip, x.flip(-1)) and x.min() >= -1 and x.max() <= 1 and x.shape == (3, 256, 256)
