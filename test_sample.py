@@ -4,7 +4,6 @@ httpcore2==2.16.2 truststore==0.10.5 h11==0.16.0 safetensors==0.8.0"""
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -279,23 +278,12 @@ def test_sample_picks_the_requested_weights(tmp_path):
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-def _sample_rank(rank, port, argv):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    sample.main(argv)
-
-
-def test_sample_two_ranks_give_the_same_images_as_one(tmp_path, tiny_vae_dir):
+def test_sample_two_ranks_give_the_same_images_as_one(tmp_path, tiny_vae_dir, two_ranks):
     # seeds follow the global index: a 2-process gloo run packs the same npz as a 1-process run
     ckpt = tiny_checkpoint(tmp_path / "c.pt")
     one = run_sample(tmp_path, ckpt, tiny_vae_dir, "one", "--num_samples", "7")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = ["--ckpt", ckpt, "--vae", tiny_vae_dir, "--out", str(tmp_path / "two"), "--grid", "",
-            "--batch_size", "2", "--num_samples", "7"]
-    torch.multiprocessing.spawn(_sample_rank, args=(port, argv), nprocs=2)
+    two_ranks(sample.main, ["--ckpt", ckpt, "--vae", tiny_vae_dir, "--out", str(tmp_path / "two"), "--grid", "",
+                            "--batch_size", "2", "--num_samples", "7"])
     assert np.array_equal(np.load(tmp_path / "two.npz")["arr_0"], one)
 
 
