@@ -8,10 +8,11 @@ Each row is the median over --iters calls after --warmup untimed ones (compilati
 'host ms' is how long Python took to issue the work (when it nears 'ms', the row is launch bound).
   encoder  activations of the Nc*Ng generated latents, forward + backward to the input, and of the
            Nc*(Np+Nn) real ones, forward only; bf16 autocast, channels_last, torch.compile with --compile.
-  drift    from fixed encoder maps: drift.feature_sets of the generated and real maps (plus norm_x and the raw
-           output, as train.py) and drift.feature_drift_loss over every set, 3 temperatures, forward + backward
-           to the generated maps. Eager, as train.py runs it, and with --compile also with drift's per-set loss
-           compiled with dynamic shapes (a few graphs, one per stride / size-1 pattern, shared by all sets).
+  sets + drift  from fixed encoder maps: drift.feature_sets of the generated and real maps (plus norm_x and the
+           raw output, as train.py) and drift.feature_drift_loss over every set, 3 temperatures, forward +
+           backward to the generated maps, all eager.
+  drift    drift.feature_drift_loss alone, forward + backward, from fixed sets: what train.py runs eagerly
+           after its compiled encoder-and-feature-sets function.
   memory   the per-location set of a 32x32 and of an 8x8 map (C = 256) alone: the peak memory per location
            stays flat, far below one (G, Ng, Nt, D) float32 difference tensor, printed for comparison.
 Per-GPU batch: the official ablation (configs/gen/latent_ablation.yaml) draws 64 classes per step over 8
@@ -103,18 +104,34 @@ alpha = drift.sample_alpha(nc, 3.0, generator=torch.Generator().manual_seed(0)).
 w_unc = drift.cfg_weight(alpha, args.n_gen, args.n_unc)[:, None].expand(nc, args.n_unc)  # (Nc, Nn)
 
 
-def drift_step():
-    for t in (raw_gen, *gen_maps.values()):
-        t.grad = None
-    gen = drift.feature_sets(gen_maps, enc.input_patchified(raw_gen), raw=raw_gen)
-    with torch.no_grad():
-        real = drift.feature_sets(real_maps, enc.input_patchified(x_real), raw=x_real)
+def loss_from_sets(gen, real):
     gen = {k: v.unflatten(0, (nc, -1)) for k, v in gen.items()}  # (Nc, Ng, L, C)
     real = {k: v.unflatten(0, (nc, -1)) for k, v in real.items()}  # (Nc, Np + Nn, L, C)
     pos = {k: v[:, :args.n_pos] for k, v in real.items()}
     unc = {k: v[:, args.n_pos:] for k, v in real.items()}
     loss, _ = drift.feature_drift_loss(gen, pos, unc, w_unc)
     loss.backward()
+
+
+def sets_and_drift_step():
+    for t in (raw_gen, *gen_maps.values()):
+        t.grad = None
+    gen = drift.feature_sets(gen_maps, enc.input_patchified(raw_gen), raw=raw_gen)
+    with torch.no_grad():
+        real = drift.feature_sets(real_maps, enc.input_patchified(x_real), raw=x_real)
+    loss_from_sets(gen, real)
+
+
+with torch.no_grad():  # fixed sets, the generated ones as leaves that take the gradient
+    fixed_gen = {k: v.detach().requires_grad_() for k, v in
+                 drift.feature_sets(gen_maps, enc.input_patchified(raw_gen), raw=raw_gen).items()}
+    fixed_real = drift.feature_sets(real_maps, enc.input_patchified(x_real), raw=x_real)
+
+
+def drift_step():
+    for t in fixed_gen.values():
+        t.grad = None
+    loss_from_sets(fixed_gen, fixed_real)
 
 
 sets = drift.feature_sets({k: v[:1] for k, v in gen_maps.items()}, x_gen[:1], raw=x_gen[:1])
@@ -125,16 +142,8 @@ print(f"{name}, torch {torch.__version__}: MAE {args.encoder}, {nc} classes x ({
       f"{len(sets)} feature sets, {sum(v[0].numel() for v in sets.values()) / 1e6:.2f}M floats per sample; "
       f"largest {largest} {tuple(sets[largest].shape[1:])}: G = {nc * sets[largest].shape[1]} groups of "
       f"{args.n_gen} x {args.n_gen + args.n_unc + args.n_pos}; compile {use_compile}")
-rows = {"encoder fwd+bwd (gen) + fwd (real)": timed(encoder_step), "drift loss, eager": timed(drift_step)}
-print(f"eager drift loss: {rows['drift loss, eager'][0]:.2f} ms", flush=True)  # in case compiling fails below
-if use_compile:
-    eager_loss = drift._loss  # feature_drift_loss calls drift._loss once per width; swap in a compiled one
-    drift._loss = torch.compile(drift._loss, dynamic=True)
-    try:
-        rows["drift loss, compiled"] = timed(drift_step)
-    except Exception as err:  # seen on an H200 with torch 2.11: an inductor AssertionError in tiling
-        print(f"compiled drift loss failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-    drift._loss = eager_loss
+rows = {"encoder fwd+bwd (gen) + fwd (real)": timed(encoder_step),
+        "feature sets + drift loss, eager": timed(sets_and_drift_step), "drift loss alone, eager": timed(drift_step)}
 print(f"{'part':40s} {'ms':>9s} {'host ms':>9s} {'peak GiB':>9s}")
 for part, (ms, host, peak) in rows.items():
     print(f"{part:40s} {ms:9.2f} {host:9.2f} {peak:9.2f}")
