@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 import convnext
 from convnext import ConvNeXtV2, ConvNeXtV2_B, convnext_state_dict_from_hf, load_convnext_v2
-
-transformers = pytest.importorskip("transformers")
 
 DEPTHS, DIMS = (2, 1, 2, 1), (8, 16, 24, 32)
 

@@ -1,12 +1,13 @@
-"""Tests for vae.py, prepare_imagenet.py and sample.py (CPU, tiny shapes). diffusers is a test-only
-reference: pip install --no-deps diffusers==0.42.1 huggingface_hub==2.4.0 httpx2==2.16.2
-httpcore2==2.16.2 truststore==0.10.5 h11==0.16.0 safetensors==0.8.0"""
+"""Tests for vae.py, prepare_imagenet.py and sample.py (CPU, tiny shapes). diffusers (and the safetensors
+package it brings) are test-only references, from requirements-test.txt."""
 
 import json
 import os
 
+import diffusers
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -27,7 +28,6 @@ def perturbed(module, seed=0, std=0.05):
 
 
 def diffusers_vae():
-    diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     blocks = len(TINY_VAE["block_out_channels"])
     ref = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * blocks,
@@ -112,11 +112,10 @@ def test_safetensors_reader_round_trips_handwritten_file(tmp_path):
 
 def test_safetensors_reader_reads_package_file(tmp_path):
     # files written by the safetensors package read back bit for bit
-    safetensors_torch = pytest.importorskip("safetensors.torch")
     gen = torch.Generator().manual_seed(0)
     tensors = {"x.weight": torch.randn(4, 3, generator=gen), "y": torch.randn(5, generator=gen).half(),
                "z": torch.randn(2, 2, generator=gen).bfloat16()}
-    safetensors_torch.save_file(tensors, str(tmp_path / "t.safetensors"))
+    safetensors.torch.save_file(tensors, str(tmp_path / "t.safetensors"))
     back = vae.read_safetensors(tmp_path / "t.safetensors")
     assert all(torch.equal(back[k], t) for k, t in tensors.items())
 
