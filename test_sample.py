@@ -27,12 +27,16 @@ def perturbed(module, seed=0, std=0.05):
     return module
 
 
-def diffusers_vae():
+def vae_pair():
+    """diffusers' AutoencoderKL and ours, holding the same (perturbed) weights."""
     torch.manual_seed(0)
     blocks = len(TINY_VAE["block_out_channels"])
     ref = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * blocks,
                                   up_block_types=("UpDecoderBlock2D",) * blocks, **TINY_VAE)
-    return perturbed(ref).eval()
+    ref = perturbed(ref).eval()
+    ours = vae.AutoencoderKL(**TINY_VAE)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
 
 
 def write_safetensors(path, tensors):
@@ -73,9 +77,7 @@ def close(a, b, rel=1e-4):
 # ----------------------------------------------------------------------------- vae.py
 def test_vae_encoder_moments_match_diffusers():
     # same weights, same input -> same posterior mean and logvar
-    ref = diffusers_vae()
-    ours = vae.AutoencoderKL(**TINY_VAE)
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = vae_pair()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         dist, (mean, logvar) = ref.encode(x).latent_dist, ours.encode(x)
@@ -84,9 +86,7 @@ def test_vae_encoder_moments_match_diffusers():
 
 def test_vae_decoder_matches_diffusers():
     # same weights, same latent -> same image
-    ref = diffusers_vae()
-    ours = vae.AutoencoderKL(**TINY_VAE)
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = vae_pair()
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert close(ours.decode(z), ref.decode(z).sample)
