@@ -46,7 +46,6 @@ cuda = device.type == "cuda"
 use_compile = cuda if args.compile is None else args.compile
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
-torch._dynamo.config.cache_size_limit = 64  # compiled drift: a graph per stride / size-1 pattern of the sets (~8)
 torch.manual_seed(0)
 
 

@@ -351,8 +351,9 @@ def main(argv=None):
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     if gen_stage:
         # The drift loss stays eager: compiled together with the encoder, its ~90 feature sets x 3 temperatures
-        # make a graph of ~16k nodes that takes many minutes to compile; compiled alone (per feature width) it ran
-        # 7% faster on an H100 and hit an inductor shape error on one Fashion-MNIST layout (torch 2.11).
+        # make a graph of ~16k nodes that takes many minutes to compile; compiled alone (per feature width) it
+        # took bench_drift's row 7% lower on an H100 and hit an inductor shape error on the Fashion-MNIST
+        # preset (torch 2.11).
         features = lambda x: encoder_features(encoder, x, convnext)  # noqa: E731
         features = torch.compile(features, dynamic=False) if use_compile else features  # reals and gen: 2 graphs
         vae = None
