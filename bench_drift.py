@@ -11,8 +11,8 @@ Each row is the median over --iters calls after --warmup untimed ones (compilati
   sets + drift  from fixed encoder maps: drift.feature_sets of the generated and real maps (plus norm_x and the
            raw output, as train.py) and drift.feature_drift_loss over every set, 3 temperatures, forward +
            backward to the generated maps, all eager.
-  drift    drift.feature_drift_loss alone, forward + backward, from fixed sets: what train.py runs eagerly
-           after its compiled encoder-and-feature-sets function.
+  drift    drift.feature_drift_loss alone, forward + backward, from fixed sets: what train.py runs after its
+           compiled encoder-and-feature-sets function, eager and (with --compile) through drift.compile_drift.
   memory   the per-location set of a 32x32 and of an 8x8 map (C = 256) alone: the peak memory per location
            stays flat, far below one (G, Ng, Nt, D) float32 difference tensor, printed for comparison.
 Per-GPU batch: the official ablation (configs/gen/latent_ablation.yaml) draws 64 classes per step over 8
@@ -37,6 +37,7 @@ parser.add_argument("--iters", type=int, default=10, help="timed calls per row")
 parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation)")
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
 parser.add_argument("--small", action="store_true", help="tiny encoder and batch on the CPU, a smoke run")
+parser.add_argument("--profile", action="store_true", help="then profile 3 drift loss calls: the top kernels")
 args = parser.parse_args()
 if args.small:
     args.encoder, args.nc, args.n_gen, args.n_pos, args.n_unc, args.iters, args.warmup = "tiny", 2, 4, 4, 2, 2, 1
@@ -143,6 +144,9 @@ print(f"{name}, torch {torch.__version__}: MAE {args.encoder}, {nc} classes x ({
       f"{args.n_gen} x {args.n_gen + args.n_unc + args.n_pos}; compile {use_compile}")
 rows = {"encoder fwd+bwd (gen) + fwd (real)": timed(encoder_step),
         "feature sets + drift loss, eager": timed(sets_and_drift_step), "drift loss alone, eager": timed(drift_step)}
+if use_compile:  # as train.py on GPUs; the profile and the memory rows below then run compiled too
+    drift.compile_drift()
+    rows["drift loss alone, compiled"] = timed(drift_step)
 print(f"{'part':40s} {'ms':>9s} {'host ms':>9s} {'peak GiB':>9s}")
 for part, (ms, host, peak) in rows.items():
     print(f"{part:40s} {ms:9.2f} {host:9.2f} {peak:9.2f}")
@@ -150,7 +154,17 @@ encoder_ms = rows["encoder fwd+bwd (gen) + fwd (real)"][0]
 for part, (ms, _, _) in list(rows.items())[1:]:
     print(f"{part}: drift / (encoder + drift) = {100 * ms / (encoder_ms + ms):.1f}%")
 
-# ---- memory against the number of locations: one per-location set (C = 256) alone, eager ----
+if args.profile:  # where the drift's time goes: kernels (or CPU ops) by total time
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            drift_step()
+        if cuda:
+            torch.cuda.synchronize()
+    by = "cuda_time_total" if cuda else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=60))
+
+# ---- memory against the number of locations: one per-location set (C = 256) alone ----
 print(f"\n{'per-location set':18s} {'L':>5s} {'G':>6s} {'ms':>8s} {'peak MiB':>9s} {'MiB / loc':>9s} "
       f"{'(G,Ng,Nt,D) GiB':>16s}")
 n_t, C = args.n_gen + args.n_pos + args.n_unc, 256

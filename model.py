@@ -16,7 +16,6 @@ import json
 import math
 import os
 import struct
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from data import download_file
 
 # -----------------------------------------------------------------------------
 # Helpers
@@ -689,16 +690,9 @@ def _download(name):
     """Fetch models/{gen|mae}/jax/{name}/ from the Hugging Face repo into CACHE_DIR (MAE names start 'mae_')."""
     folder = f"models/{'mae' if name.startswith('mae_') else 'gen'}/jax/{name}"
     local = CACHE_DIR / folder
-    local.mkdir(parents=True, exist_ok=True)
     for file in ("metadata.json", "ema_params.msgpack"):
-        url = f"https://huggingface.co/{HF_REPO}/resolve/main/{folder}/{file}"
-        if not (local / file).is_file():
-            try:
-                urllib.request.urlretrieve(url, local / (file + ".part"))
-            except OSError as err:
-                raise RuntimeError(f"cannot download {url} ({err}). Offline? Copy the folder {folder} of "
-                                   f"huggingface.co/{HF_REPO} here by hand and pass its path.") from err
-            (local / (file + ".part")).rename(local / file)
+        download_file(f"https://huggingface.co/{HF_REPO}/resolve/main/{folder}/{file}", str(local / file),
+                      f"Offline? Copy the folder {folder} of huggingface.co/{HF_REPO} here by hand and pass its path.")
     return local
 
 

@@ -4,6 +4,7 @@ The reference is Hugging Face transformers' ConvNextV2 (a test-only dependency).
 """
 
 import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -103,7 +104,7 @@ def test_offline_download_gives_clear_error(tmp_path, monkeypatch):
     # Without network, loading names the file to place by hand.
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(convnext.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(urllib.request, "urlretrieve", no_network)
     with pytest.raises(RuntimeError, match="Offline"):
         load_convnext_v2("base", cache_dir=str(tmp_path))
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import drift
 from drift import (cfg_weight, compute_V, drift_loss, feature_drift_loss, feature_sets, sample_alpha,
                    train_toy, TOY_MODES, TOY_STARTS)
 
@@ -321,6 +322,20 @@ def test_feature_drift_loss_batched_equals_each_name_alone():
     alone = [feature_drift_loss({k: gen[k]}, {k: pos[k]}, {k: neg[k]}, w_neg) for k in gen]
     torch.testing.assert_close(total, sum(t for t, _ in alone))
     torch.testing.assert_close(info, {k: v for _, i in alone for k, v in i.items()})
+
+
+def test_compiled_drift_step_equals_eager(monkeypatch):
+    # train.py's GPU path (drift.compile_drift): the same loss and gradient as eager, here through inductor's CPU
+    gen, pos, neg, w_neg = equal_width_inputs()
+    gen = {k: v.requires_grad_() for k, v in gen.items()}
+
+    def loss_and_grads():
+        total, _ = feature_drift_loss(gen, pos, neg, w_neg)
+        return total, torch.autograd.grad(total, list(gen.values()))
+    eager = loss_and_grads()
+    monkeypatch.setattr(drift, "_step", drift._step)  # restored after the test
+    drift.compile_drift()
+    torch.testing.assert_close(loss_and_grads(), eager, rtol=1e-5, atol=1e-6)
 
 
 def test_feature_drift_loss_reduce_two_ranks_equal_full_batch():

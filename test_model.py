@@ -2,6 +2,7 @@
 import json
 import struct
 import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -326,7 +327,7 @@ def test_loader_by_name_offline_is_clear(tmp_path, monkeypatch):
     def offline(url, path):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(M, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(M.urllib.request, "urlretrieve", offline)
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
     with pytest.raises(RuntimeError, match="models/gen/jax/latent_L_sota"):
         load_official("hf://latent_L_sota")
 

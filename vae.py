@@ -12,11 +12,12 @@ divide by it before decoding.
 import json
 import os
 import re
-import urllib.request
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data import download_file
 
 SCALE = 0.18215  # latent scaling factor of the SD-VAE (diffusers' class default)
 URLS = {name: f"https://huggingface.co/stabilityai/sd-vae-ft-{name}/resolve/main/diffusion_pytorch_model.safetensors"
@@ -184,15 +185,8 @@ def read_safetensors(path):
 
 def download(name):
     """Cached path of the ft-`name` safetensors file, downloading it once when online."""
-    path = os.path.join(CACHE_DIR, f"sd-vae-ft-{name}.safetensors")
-    if not os.path.exists(path):
-        os.makedirs(CACHE_DIR, exist_ok=True)
-        try:
-            urllib.request.urlretrieve(URLS[name], path + ".part")
-        except OSError as err:
-            raise RuntimeError(f"could not download {URLS[name]} ({err}); fetch it by hand and pass its path") from err
-        os.replace(path + ".part", path)
-    return path
+    return download_file(URLS[name], os.path.join(CACHE_DIR, f"sd-vae-ft-{name}.safetensors"),
+                         "Fetch it by hand and pass its path.")
 
 
 def load_vae(path="mse"):
