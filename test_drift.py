@@ -356,6 +356,28 @@ def test_feature_drift_loss_reduce_two_ranks_equal_full_batch():
                                {k: v for k, v in full_info.items() if not k.startswith("loss/")})
 
 
+def _compiled_half_batch(argv):
+    # one rank of test_compiled_drift_over_two_gloo_ranks: its half of the classes, compiled, reduced as train.py
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    gen, pos, neg, w_neg = equal_width_inputs(Nc=4)
+    pos["loc"][2:] += 3.0  # the halves' statistics differ
+    full, _ = feature_drift_loss(gen, pos, neg, w_neg.repeat(2, 1))
+    drift.compile_drift()
+    half = lambda d: {k: v[2 * rank:2 * rank + 2] for k, v in d.items()}  # noqa: E731
+    mean = lambda t: funcol.all_reduce(t, "sum", dist.group.WORLD) / 2  # noqa: E731
+    loss, _ = feature_drift_loss(half(gen), half(pos), half(neg), w_neg, reduce=mean)
+    torch.testing.assert_close(mean(loss), full, rtol=1e-5, atol=0)
+    dist.destroy_process_group()
+
+
+def test_compiled_drift_over_two_gloo_ranks(two_ranks):
+    # train.py's torchrun path on GPUs: the compiled step with the cross-rank reduce traced in gives the full batch
+    two_ranks(_compiled_half_batch, [])
+
+
 def test_cfg_weight_closed_form():
     # alpha = ((n_gen - 1) + n_unc w) / (n_gen - 1), so alpha = 1 gives w = 0
     alpha = torch.tensor([1.0, 1.5, 4.0])
