@@ -1,8 +1,14 @@
-"""Tests of data.py on the CPU: the sample queues and the ImageNet caches of prepare_imagenet.py."""
+"""Tests of data.py on the CPU: the sample queues, the ImageNet caches of prepare_imagenet.py, the downloader."""
+import os
+import urllib.error
+import urllib.request
+
 import numpy as np
+import pytest
 import torch
 
-from data import Data, SampleQueue
+import convnext
+from data import Data, SampleQueue, download_file
 
 
 def test_queue_draw_has_no_duplicates_and_stays_in_class():
@@ -48,3 +54,25 @@ def test_pixel_cache_fetch_flips(tmp_path):
     data = Data("imagenet_pixels", str(tmp_path), "train", "cpu")
     x, x_flip = data.fetch(torch.tensor([2, 3]))
     assert torch.equal(x_flip, x.flip(-1)) and x.min() >= -1 and x.max() <= 1 and x.shape == (3, 256, 256)
+
+
+def test_failed_download_leaves_nothing_and_names_the_fix(tmp_path, monkeypatch):
+    # a transfer that dies half way: RuntimeError with the url and the hint, no partial file, no cached file
+    def dies(url, path):
+        open(path, "wb").write(b"half")
+        raise urllib.error.URLError("connection reset")
+    monkeypatch.setattr(urllib.request, "urlretrieve", dies)
+    with pytest.raises(RuntimeError, match="http://x/f.bin.*copy it by hand"):
+        download_file("http://x/f.bin", str(tmp_path / "f.bin"), "copy it by hand")
+    assert os.listdir(tmp_path) == []
+
+
+def test_convnext_download_falls_back_to_bin_on_404(tmp_path, monkeypatch):
+    # the facebook/convnextv2-* repos have no model.safetensors: a 404 moves on to pytorch_model.bin
+    def hub(url, path):
+        if url.endswith("model.safetensors"):
+            raise urllib.error.HTTPError(url, 404, "Not Found", None, None)
+        open(path, "wb").write(b"weights")
+    monkeypatch.setattr(urllib.request, "urlretrieve", hub)
+    path = convnext._cnx_download("facebook/convnextv2-base-22k-224", str(tmp_path))
+    assert path.endswith("pytorch_model.bin") and os.listdir(tmp_path) == [os.path.basename(path)]
