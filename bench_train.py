@@ -3,6 +3,8 @@ Time one generator training step of train.py at the paper's ablation shape, per 
 
     python bench_train.py            # DiT-B/2 + latent-MAE width 256, 8 classes x (64 gen, 64 pos, 16 unc) per GPU
     python bench_train.py --small    # CPU smoke run with the tiny test models
+    python bench_train.py --model S/2 --encoder fmnist --in_channels 1 --nc 10 --n_pos 32 --n_neg 32 --n_unc 16
+                                     # the step of train.py --preset fmnist
 
 The ablation batch (Table 8) is N_c = 64 classes of 64 generated samples, 4096 in all; on 8 GPUs each owns
 8 classes (512 generated, 640 real samples), the default here. The whole step is train.py's: generator
@@ -26,6 +28,7 @@ from train import drift_objective, encoder_features, peak_flops
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--model", default="B/2", help="DiT_models key")
 parser.add_argument("--encoder", default="latent_256", help="MAE_models key")
+parser.add_argument("--in_channels", type=int, default=4, help="e.g. 1 for --model S/2 --encoder fmnist")
 parser.add_argument("--nc", type=int, default=8, help="classes on this GPU")
 parser.add_argument("--n_pos", type=int, default=64)
 parser.add_argument("--n_neg", type=int, default=64)
@@ -51,7 +54,8 @@ maybe_compile = (lambda f: torch.compile(f, dynamic=False)) if use_compile else 
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 torch.manual_seed(0)
 
-gen = DiT_models[args.model](remat=args.remat, **({"input_size": 32} if args.small else {})).to(device)
+gen = DiT_models[args.model](in_channels=args.in_channels, remat=args.remat,
+                             **({"input_size": 32} if args.small else {})).to(device)
 enc = MAE_models[args.encoder](in_channels=gen.in_channels).eval().requires_grad_(False)
 enc = enc.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 cnx = ConvNeXt_models["base"]().eval().requires_grad_(False).to(device) if args.convnext else None
