@@ -7,7 +7,7 @@ latent models.
       -> samples/l2/000000.png ... and samples/l2.npz (arr_0 uint8 [N, H, W, 3]), which fid.py reads
 
 --ckpt is our checkpoint (train.py's dict; its first EMA unless --ema DECAY or --raw) or an official
-artifact folder or name (model.load_official). Image i has class i % num_classes (or the i-th of --classes,
+artifact folder or name (official.load_official). Image i has class i % num_classes (or the i-th of --classes,
 cycled) and draws its noise from seed * 2**32 + i, so it is the same image whatever the number of
 GPUs or the batch size. Latent models (4 channels) are decoded as vae.decode(z / SCALE). Gray
 (1-channel) images are saved as gray PNGs and repeated to 3 channels in the npz, the layout every
@@ -25,7 +25,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from model import DiT_models, load_official
+from model import DiT_models
+from official import load_official
 from vae import SCALE, load_vae
 
 

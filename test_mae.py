@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import MAE_models, mae_from_official
+from model import MAE_models
+from official import mae_from_official
 
 torch.set_num_threads(1)
 

@@ -35,7 +35,8 @@ import drift
 import fid
 from convnext import load_convnext_v2
 from data import Data, SampleQueue, Stream, download_fmnist, random_resized_crop
-from model import DiT_models, MAE_models, load_official
+from model import DiT_models, MAE_models
+from official import load_official
 from sample import generate, make_grid, save_png
 from vae import load_vae
 

@@ -1,0 +1,217 @@
+"""Tests for official.py: the msgpack reader and the generator loader, on artifacts laid out as the official ones
+(the released files are not reachable here), and the loaded generator against the official JAX forward."""
+import json
+import struct
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+import official
+from official import load_official, read_msgpack
+from test_model import run
+
+torch.set_num_threads(1)
+
+
+class Raw(bytes):
+    """Already-encoded msgpack, written as is."""
+
+
+def ext_array(shape, dtype_name, raw, code=1):
+    """flax's array encoding: msgpack ext `code` (1 array, 3 scalar) holding packed (shape, dtype name, bytes)."""
+    payload = pack([list(shape), dtype_name, raw])
+    n = len(payload)
+    fixext = {1: 0xd4, 2: 0xd5, 4: 0xd6, 8: 0xd7, 16: 0xd8}
+    head = bytes([fixext[n]]) if n in fixext else sized(n, None, 0, [(0xc7, ">B"), (0xc8, ">H"), (0xc9, ">I")])
+    return Raw(head + struct.pack(">b", code) + payload)
+
+
+def sized(n, small, fixmask, formats):
+    """msgpack header for a length n: the fix form below `small`, else the first format wide enough."""
+    if small is not None and n < small:
+        return bytes([fixmask | n])
+    for code, fmt in formats:
+        if n < 1 << (8 * struct.calcsize(fmt)):
+            return bytes([code]) + struct.pack(fmt, n)
+
+
+def pack(obj):
+    """Minimal msgpack writer for what flax.serialization.msgpack_serialize emits."""
+    if isinstance(obj, Raw):
+        return bytes(obj)
+    if isinstance(obj, (np.ndarray, np.generic)):
+        arr = np.asarray(obj)
+        return bytes(ext_array(arr.shape, arr.dtype.name, arr.tobytes(), 3 if isinstance(obj, np.generic) else 1))
+    if isinstance(obj, dict):
+        items = b"".join(pack(k) + pack(v) for k, v in obj.items())
+        return sized(len(obj), 16, 0x80, [(0xde, ">H"), (0xdf, ">I")]) + items
+    if isinstance(obj, list):
+        return sized(len(obj), 16, 0x90, [(0xdc, ">H"), (0xdd, ">I")]) + b"".join(pack(v) for v in obj)
+    if isinstance(obj, str):
+        data = obj.encode()
+        return sized(len(data), 32, 0xa0, [(0xd9, ">B"), (0xda, ">H"), (0xdb, ">I")]) + data
+    if isinstance(obj, bytes):
+        return sized(len(obj), None, 0, [(0xc4, ">B"), (0xc5, ">H"), (0xc6, ">I")]) + obj
+    if obj is True or obj is False:
+        return b"\xc3" if obj else b"\xc2"
+    if isinstance(obj, int):
+        return bytes([obj]) if 0 <= obj < 128 else b"\xd3" + struct.pack(">q", obj)
+    return b"\xcb" + struct.pack(">d", obj)
+
+
+def test_msgpack_reader_round_trip(tmp_path):
+    # every array kind flax writes comes back bit-exact: plain, large (ext32), scalar, bfloat16, chunked
+    rng = np.random.default_rng(0)
+    kernel, big = rng.standard_normal((3, 5)).astype(np.float32), rng.standard_normal((70, 300)).astype(np.float32)
+    chunked = np.arange(6, dtype=np.float32).reshape(2, 3)
+    tree = {"a": {"kernel": kernel, "big": big, "idx": np.arange(4, dtype=np.int32), "step": np.int64(7)},
+            "bf16": ext_array([2], "bfloat16", np.array([0x3FC0, 0xC000], np.uint16).tobytes()),  # 1.5, -2.0
+            "c": {"__msgpack_chunked_array__": True, "shape": {"0": 2, "1": 3},
+                  "chunks": {"0": chunked.reshape(-1)[:4], "1": chunked.reshape(-1)[4:]}}}
+    (tmp_path / "p.msgpack").write_bytes(pack(tree))
+    out = read_msgpack(tmp_path / "p.msgpack")
+    assert np.array_equal(out["a"]["kernel"], kernel) and np.array_equal(out["a"]["big"], big)
+    assert np.array_equal(out["a"]["idx"], np.arange(4)) and out["a"]["step"] == 7
+    assert np.array_equal(out["bf16"], np.array([1.5, -2.0], np.float32)) and np.array_equal(out["c"], chunked)
+
+
+def official_tree(cfg, rng):
+    """Random params with the official Flax module tree of DitGen (models/generator.py): setup() names at the
+    top, auto-names (TorchLinear_0, RMSNorm_1, ...) in creation order inside compact modules."""
+    D, Dc, p, C = cfg["hidden_size"], cfg["cond_dim"], cfg["patch_size"], cfg["in_channels"]
+    hd, N = D // cfg["num_heads"], (cfg["input_size"] // p) ** 2
+    M = (int(2 / 3 * int(D * cfg["mlp_ratio"])) + 31) // 32 * 32
+    r = lambda *shape: (0.3 * rng.standard_normal(shape)).astype(np.float32)
+    dense = lambda i, o: {"Dense_0": {"kernel": r(i, o), "bias": r(o)}}
+    tree = {"Embed_0": {"embedding": r(cfg["num_classes"], Dc)},
+            **{f"noise_embeds_{i}": {"embedding": r(cfg["noise_classes"], Dc)} for i in range(cfg["noise_coords"])},
+            "TimestepEmbedder_0": {"TorchLinear_0": dense(256, Dc), "TorchLinear_1": dense(Dc, Dc)},
+            "RMSNorm_0": {"weight": r(Dc)}}
+    dit = {"TorchLinear_0": dense(p * p * C, D), "pos_embed": r(1, N, D), "TorchLinear_1": dense(Dc, D),
+           "cls_embed": r(1, cfg["n_cls_tokens"], D),
+           "FinalLayer_0": {"RMSNorm_0": {"weight": r(D)}, "TorchLinear_0": dense(Dc, 2 * D),
+                            "TorchLinear_1": dense(D, p * p * C)}}
+    for i in range(cfg["depth"]):
+        dit[f"blocks_{i}"] = {
+            "RMSNorm_0": {"weight": r(D)}, "RMSNorm_1": {"weight": r(D)},
+            "Attention_0": {"TorchLinear_0": dense(D, 3 * D), "q_norm": {"weight": r(hd)},
+                            "k_norm": {"weight": r(hd)}, "TorchLinear_1": dense(D, D)},
+            "SwiGLUFFN_0": {"TorchLinear_0": dense(D, M), "TorchLinear_1": dense(D, M), "TorchLinear_2": dense(M, D)},
+            "TorchLinear_0": dense(Dc, 6 * D)}
+    tree["LightningDiT_0"] = dit
+    return tree
+
+
+OFFICIAL_CFG = dict(cond_dim=48, num_classes=11, noise_classes=64, noise_coords=32, input_size=8, in_channels=4,
+                    n_cls_tokens=16, patch_size=2, hidden_size=64, depth=2, num_heads=2, mlp_ratio=4.0,
+                    out_channels=4, use_qknorm=True, use_swiglu=True, use_rope=True, use_rmsnorm=True,
+                    use_bf16=True, attn_fp32=False, use_remat=False)
+
+
+def write_artifact(folder, tree, cfg=OFFICIAL_CFG, kind="gen"):
+    folder.mkdir(exist_ok=True)
+    (folder / "metadata.json").write_text(json.dumps({"format": "flax.msgpack", "kind": kind, "backend": "jax",
+                                                      "model_config": cfg}))
+    (folder / "ema_params.msgpack").write_bytes(pack(tree))
+    return folder
+
+
+def test_loader_maps_every_official_parameter(tmp_path):
+    # every official array lands in its torch parameter: kernels transposed, W1|W3 and the 32 codebooks joined
+    tree = official_tree(OFFICIAL_CFG, np.random.default_rng(0))
+    model = load_official(write_artifact(tmp_path / "gen", tree))
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    block, ffn = tree["LightningDiT_0"]["blocks_1"], tree["LightningDiT_0"]["blocks_1"]["SwiGLUFFN_0"]
+    assert model.cond_dim == 48 and model.num_classes == 10
+    assert np.array_equal(sd["blocks.1.attn.qkv.weight"], block["Attention_0"]["TorchLinear_0"]["Dense_0"]["kernel"].T)
+    assert np.array_equal(sd["blocks.1.mlp.w13.weight"][:model.mlp_hidden], ffn["TorchLinear_0"]["Dense_0"]["kernel"].T)
+    assert np.array_equal(sd["blocks.1.mlp.w13.bias"][model.mlp_hidden:], ffn["TorchLinear_1"]["Dense_0"]["bias"])
+    assert np.array_equal(sd["style_embed.weight"][64 * 5:64 * 6], tree["noise_embeds_5"]["embedding"])
+    assert np.array_equal(sd["register_embed"], tree["LightningDiT_0"]["cls_embed"])
+    alpha_kernel = tree["TimestepEmbedder_0"]["TorchLinear_1"]["Dense_0"]["kernel"]
+    assert np.array_equal(sd["alpha_embed.mlp.2.weight"], alpha_kernel.T)
+
+
+def test_loader_sums_match_official_total(tmp_path):
+    # nothing unmapped or invented: torch and official parameter totals agree
+    tree = official_tree(OFFICIAL_CFG, np.random.default_rng(0))
+    model = load_official(write_artifact(tmp_path / "gen", {"params": tree}))  # with the 'params' level
+    total = sum(v.size for v in official.flatten(tree).values())
+    assert sum(p.numel() for p in model.parameters()) == total
+
+
+def test_loader_rejects_extra_or_missing_key(tmp_path):
+    # an extra official key or a missing one is one clear error, not a silent partial load
+    tree = official_tree(OFFICIAL_CFG, np.random.default_rng(0))
+    tree["LightningDiT_0"]["blocks_1"]["extra"] = {"weight": np.zeros(3, np.float32)}
+    with pytest.raises(ValueError, match="does not match"):
+        load_official(write_artifact(tmp_path / "a", tree))
+    tree = official_tree(OFFICIAL_CFG, np.random.default_rng(0))
+    del tree["noise_embeds_31"]
+    with pytest.raises(ValueError, match="does not match"):
+        load_official(write_artifact(tmp_path / "b", tree))
+
+
+def test_loader_rejects_checkpoint_of_other_size(tmp_path):
+    # params of a wider model under this metadata: one error listing the shape mismatches
+    tree = official_tree({**OFFICIAL_CFG, "hidden_size": 96, "num_heads": 3}, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="wrong shape"):
+        load_official(write_artifact(tmp_path / "gen", tree))
+
+
+def test_loader_rejects_unknown_artifact_kind(tmp_path):
+    # a folder whose metadata is neither a generator nor an MAE
+    tree = official_tree(OFFICIAL_CFG, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="kind"):
+        load_official(write_artifact(tmp_path / "x", tree, kind="convnext"))
+
+
+def test_loader_by_name_offline_is_clear(tmp_path, monkeypatch):
+    # a name that needs the network fails with a message saying how to get the files by hand
+    def offline(url, path):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(official, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    with pytest.raises(RuntimeError, match="models/gen/jax/latent_L_sota"):
+        load_official("hf://latent_L_sota")
+
+
+def test_loaded_generator_runs(tmp_path):
+    # the loaded generator maps noise to a finite sample of the noise's shape
+    cfg = {**OFFICIAL_CFG, "cond_dim": 64}
+    model = load_official(write_artifact(tmp_path / "gen", official_tree(cfg, np.random.default_rng(0)), cfg))
+    out = run(model, [0, 1], [0, 10])
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def golden_inputs(cfg):
+    """Fixed inputs for the comparison with the official JAX forward (two images, one of the null class)."""
+    rng = np.random.default_rng(1)
+    noise = rng.standard_normal((2, cfg["in_channels"], cfg["input_size"], cfg["input_size"])).astype(np.float32)
+    return noise, np.array([3, 10]), np.array([1.0, 2.5], np.float32), rng.integers(0, 64, (2, 32))
+
+
+# Every 1/16th output value of the official Flax DitGen (generator.py, float32) on official_tree(cfg, rng(0))
+# and golden_inputs(cfg), computed once with jax 0.10.2 / flax 0.12.8 outside this repo.
+OFFICIAL_OUTPUTS = {
+    "p2": [-2.673698, -2.66533, -5.380494, -5.349195, -6.795949, -6.842691, 5.934347, 5.892353, 2.147476, 2.114422,
+           -3.804301, -3.827888, -7.908924, -7.905278, 4.791361, 4.796293],
+    "p16": [-0.116276, 3.7556, -0.326595, 3.287192, -1.055132, -2.946716, -8.841144, -0.765864, -12.327322,
+            -3.522929, -2.908803, -4.145102, -8.711756, -1.512694, -0.154197, -4.353038],
+}
+
+
+@pytest.mark.parametrize("name,extra", [("p2", {}), ("p16", dict(input_size=32, in_channels=3, out_channels=3,
+                                                                  patch_size=16))])
+def test_matches_official_jax_forward(tmp_path, name, extra):
+    # same params and inputs as the official JAX generator give the same sample (float32)
+    cfg = {**OFFICIAL_CFG, **extra}
+    model = load_official(write_artifact(tmp_path / name, official_tree(cfg, np.random.default_rng(0)), cfg))
+    noise, labels, alpha, style = (torch.from_numpy(a) for a in golden_inputs(cfg))
+    with torch.no_grad():
+        out = model(noise, labels, alpha, style).reshape(-1)
+    expected = torch.tensor(OFFICIAL_OUTPUTS[name])
+    assert torch.allclose(out[::len(out) // 16][:16], expected, rtol=1e-4, atol=1e-5)
