@@ -38,7 +38,8 @@ parser.add_argument("--warmup", type=int, default=3, help="untimed iterations fi
 parser.add_argument("--small", action="store_true", help="tiny models on the CPU, a smoke run")
 parser.add_argument("--no_compile", action="store_true")
 parser.add_argument("--remat", action="store_true", help="recompute DiT blocks in the backward (train.py --remat)")
-parser.add_argument("--profile", action="store_true", help="then profile 3 whole steps: the top kernels and ops")
+parser.add_argument("--profile", action="store_true", help="profile 3 whole steps (the top kernels and ops) "
+                    "before timing the parts")
 parser.add_argument("--convnext", action="store_true", help="pixel models: ConvNeXt-V2-Base features too "
                     "(random weights: the speed does not depend on them), e.g. --model B/16 --encoder pixel_640")
 args = parser.parse_args()
@@ -161,20 +162,6 @@ peak = peak_flops(device)
 mfu = f"{100 * model_flops / step_time / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 dense" if peak else "n/a"
 print(f"whole step: {1e3 * step_time:.1f} ms, {n_gen / step_time:.0f} generated img/s per GPU | MFU {mfu} | "
       f"peak memory {memory:.1f} GiB", flush=True)  # first, in case the per-phase timings run out of time
-times = {name: timed(fn) for name, fn in phases.items()}
-
-name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-extra = " + ConvNeXt-V2-B" if cnx is not None else ""
-print(f"{name}: {args.model} generator + MAE {args.encoder}{extra}, {nc} classes x ({args.n_neg} gen, {args.n_pos} pos, "
-      f"{args.n_unc} unc) = {n_gen} generated, {n_real} real samples; compile {use_compile}")
-print(f"{'part':40s} {'GFLOP':>10s} {'ms':>9s} {'TFLOP/s':>9s}")
-for part, t in times.items():
-    f = flops.get(part, 0)
-    print(f"{part:40s} {f / 1e9:10.1f} {1e3 * t:9.2f} {f / t / 1e12:9.1f}")
-print(f"{'sum of parts':40s} {'':10s} {1e3 * sum(times.values()):9.2f}")
-print(f"{'whole step':40s} {model_flops / 1e9:10.1f} {1e3 * step_time:9.2f} {model_flops / step_time / 1e12:9.1f}")
-print(f"{n_gen / step_time:.0f} generated img/s per GPU | MFU {mfu} | peak memory {memory:.1f} GiB")
-
 if args.profile:  # where a step's time goes: GPU kernels by total time, and the host time of the ops
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
@@ -184,3 +171,18 @@ if args.profile:  # where a step's time goes: GPU kernels by total time, and the
         sync()
     by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=60))
+
+# Then each part alone, a row printed as soon as it is timed (each part compiles graphs of its own first).
+name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+extra = " + ConvNeXt-V2-B" if cnx is not None else ""
+print(f"{name}: {args.model} generator + MAE {args.encoder}{extra}, {nc} classes x ({args.n_neg} gen, {args.n_pos} pos, "
+      f"{args.n_unc} unc) = {n_gen} generated, {n_real} real samples; compile {use_compile}")
+print(f"{'part':40s} {'GFLOP':>10s} {'ms':>9s} {'TFLOP/s':>9s}", flush=True)
+times = {}
+for part, fn in phases.items():
+    t = times[part] = timed(fn)
+    f = flops.get(part, 0)
+    print(f"{part:40s} {f / 1e9:10.1f} {1e3 * t:9.2f} {f / t / 1e12:9.1f}", flush=True)
+print(f"{'sum of parts':40s} {'':10s} {1e3 * sum(times.values()):9.2f}")
+print(f"{'whole step':40s} {model_flops / 1e9:10.1f} {1e3 * step_time:9.2f} {model_flops / step_time / 1e12:9.1f}")
+print(f"{n_gen / step_time:.0f} generated img/s per GPU | MFU {mfu} | peak memory {memory:.1f} GiB")
