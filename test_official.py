@@ -11,7 +11,9 @@ import torch
 
 import official
 import sample
+import train
 from official import load_official, read_msgpack
+from test_mae import META as MAE_META, _official_tree as official_mae_tree
 from test_model import run
 
 torch.set_num_threads(1)
@@ -226,3 +228,14 @@ def test_official_pixel_generator_samples_through_sample_py(tmp_path):
                  "--grid", "", "--num_samples", "3", "--batch_size", "2"])
     images = np.load(tmp_path / "s.npz")["arr_0"]
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
+
+
+def test_official_mae_folder_is_a_train_encoder(tmp_path):
+    # an official MAE artifact on disk (msgpack, kind 'mae') is a frozen --encoder of train.py, checked for channels
+    mae_tree = official_mae_tree(3, 32, (1, 2, 1, 2), 2, 7)
+    folder = write_artifact(tmp_path / "mae", mae_tree, MAE_META["model_config"], kind="mae")
+    encoder = train.load_encoder(str(folder), in_channels=3)
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+    assert torch.equal(encoder.fc.bias, torch.from_numpy(mae_tree["params"]["fc"]["bias"]))
+    with pytest.raises(ValueError, match="4-channel"):
+        train.load_encoder(str(folder), in_channels=4)
