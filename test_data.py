@@ -1,5 +1,6 @@
 """Tests of data.py on the CPU: the sample queues, the ImageNet caches of prepare_imagenet.py, the downloader."""
 import os
+import pickle
 import urllib.error
 import urllib.request
 
@@ -54,6 +55,21 @@ def test_pixel_cache_fetch_flips(tmp_path):
     data = Data("imagenet_pixels", str(tmp_path), "train", "cpu")
     x, x_flip = data.fetch(torch.tensor([2, 3]))
     assert torch.equal(x_flip, x.flip(-1)) and x.min() >= -1 and x.max() <= 1 and x.shape == (3, 256, 256)
+
+
+def test_cifar10_batches_decode_to_red_green_blue_planes(tmp_path):
+    # the official python batches store each image as 3072 bytes: the 32x32 red plane, then green, then blue
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = {f: rng.integers(0, 256, (4, 3072), dtype=np.uint8) for f in [f"data_batch_{i}" for i in range(1, 6)]}
+    for f, data in rows.items():
+        (folder / f).write_bytes(pickle.dumps({b"data": data, b"labels": [0, 1, 2, 9]}))
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": rows["data_batch_1"], b"labels": [0, 1, 2, 9]}))
+    data = Data("cifar10", str(tmp_path), "train", "cpu")
+    first = rows["data_batch_1"][1]
+    assert len(data) == 20 and data.num_classes == 10 and data.shape == (3, 32, 32)
+    assert np.array_equal(data.uint8_images()[1, 3, 5], first[[3 * 32 + 5, 1024 + 3 * 32 + 5, 2048 + 3 * 32 + 5]])
 
 
 def test_failed_download_leaves_nothing_and_names_the_fix(tmp_path, monkeypatch):
