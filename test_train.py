@@ -63,12 +63,6 @@ def file_hash(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-
-
-
-
-
-
 def test_preset_sets_defaults_and_flags_win():
     # a preset replaces the stage defaults, and an explicit flag replaces the preset
     args = train.get_args(["--stage", "gen", "--preset", "fmnist", "--lr", "1e-3"])
