@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import download_file
+from data import CACHE_DIR, download_file
 from vae import read_safetensors
 
 _CNX_IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -246,12 +246,13 @@ def load_convnext_v2(name="base", path=None, cache_dir=None, resolution=224):
     """The pretrained ConvNeXt-V2 feature encoder, frozen and in eval mode.
 
     path: a local .safetensors / .bin / .pt file in the Hugging Face layout; without it the
-    official checkpoint is downloaded once into cache_dir (default ~/.cache/drifting).
+    official checkpoint is downloaded once into cache_dir (default: data.CACHE_DIR, $DRIFTING_CACHE or
+    ~/.cache/drifting).
     """
     if name not in ConvNeXt_models:
         raise ValueError(f"unknown ConvNeXt-V2 size {name!r}; expected one of {sorted(ConvNeXt_models)}")
     if path is None:
-        path = _cnx_download(_CNX_HF_NAMES[name], cache_dir or os.path.expanduser("~/.cache/drifting"))
+        path = _cnx_download(_CNX_HF_NAMES[name], cache_dir or CACHE_DIR)
     model = ConvNeXt_models[name](resolution=resolution)
     model.load_state_dict(convnext_state_dict_from_hf(_cnx_read_checkpoint(path)), strict=True)
     return model.eval().requires_grad_(False)

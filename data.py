@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# where download_file's callers cache weights (Inception aside, which goes where pytorch-fid puts it)
+CACHE_DIR = os.path.expanduser(os.environ.get("DRIFTING_CACHE", "~/.cache/drifting"))
 
 
 def read_idx(path):

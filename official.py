@@ -17,12 +17,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from data import download_file
+from data import CACHE_DIR, download_file
 from model import DiT, ResNetMAE
 
 
 HF_REPO = "Goodeat/drifting"
-CACHE_DIR = Path(os.environ.get("DRIFTING_CACHE", "~/.cache/drifting")).expanduser()
 _NUMBERS = {0xca: ">f", 0xcb: ">d", 0xcc: ">B", 0xcd: ">H", 0xce: ">I", 0xcf: ">Q",
             0xd0: ">b", 0xd1: ">h", 0xd2: ">i", 0xd3: ">q"}
 _CONSTANTS = {0xc0: None, 0xc2: False, 0xc3: True}
@@ -110,7 +109,7 @@ def flatten(tree, prefix=""):
 def _download(name):
     """Fetch models/{gen|mae}/jax/{name}/ from the Hugging Face repo into CACHE_DIR (MAE names start 'mae_')."""
     folder = f"models/{'mae' if name.startswith('mae_') else 'gen'}/jax/{name}"
-    local = CACHE_DIR / folder
+    local = Path(CACHE_DIR) / folder
     for file in ("metadata.json", "ema_params.msgpack"):
         download_file(f"https://huggingface.co/{HF_REPO}/resolve/main/{folder}/{file}", str(local / file),
                       f"Offline? Copy the folder {folder} of huggingface.co/{HF_REPO} here by hand and pass its path.")

@@ -17,12 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import download_file
+from data import CACHE_DIR, download_file
 
 SCALE = 0.18215  # latent scaling factor of the SD-VAE (diffusers' class default)
 URLS = {name: f"https://huggingface.co/stabilityai/sd-vae-ft-{name}/resolve/main/diffusion_pytorch_model.safetensors"
         for name in ("ema", "mse")}
-CACHE_DIR = os.path.expanduser(os.environ.get("DRIFTING_CACHE", "~/.cache/drifting"))  # as official.py
 
 
 def group_norm(channels, groups):
