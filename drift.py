@@ -26,6 +26,13 @@ def _cdist(x, y):
     return sq.clamp_min(1e-8).sqrt()
 
 
+def _sqrt_softmax(logits):
+    # sqrt(softmax over y * softmax over x) of logits (..., N, M), without forming either softmax, written into
+    # logits (every caller runs without autograd; in place keeps eager's peak memory down)
+    lse = logits.logsumexp(-1, keepdim=True) + logits.logsumexp(-2, keepdim=True)
+    return logits.sub_(lse.mul_(0.5)).exp_()
+
+
 @torch.no_grad()
 def compute_V(x, y_pos, y_neg, T, mask_self=True):
     """Alg. 2: V = W_pos @ y_pos - W_neg @ y_neg for x (N, D) or (G, N, D); y_neg is usually x itself.
@@ -41,9 +48,7 @@ def compute_V(x, y_pos, y_neg, T, mask_self=True):
     dist_pos, dist_neg = _cdist(x, y_pos), _cdist(x, y_neg)  # (G, N, Np), (G, N, Nn)
     if mask_self:  # a sample never repels itself
         dist_neg.diagonal(dim1=1, dim2=2).add_(1e6)
-    logits = torch.cat([dist_pos, dist_neg], dim=-1) / -T  # (G, N, Np + Nn)
-    # sqrt(softmax over y * softmax over x), without forming either softmax
-    A = (logits - 0.5 * (logits.logsumexp(-1, keepdim=True) + logits.logsumexp(-2, keepdim=True))).exp()
+    A = _sqrt_softmax(torch.cat([dist_pos, dist_neg], dim=-1) / -T)  # (G, N, Np + Nn)
     A_pos, A_neg = A.split([y_pos.shape[1], y_neg.shape[1]], dim=-1)
     W_pos = A_pos * A_neg.sum(-1, keepdim=True)
     W_neg = A_neg * A_pos.sum(-1, keepdim=True)
@@ -84,9 +89,8 @@ def _drift_step(targets, w, seg, counts, Ng, Nn, temperatures, reduce, attractio
     inv_T = torch.tensor([-1.0 / T for T in temperatures]).to(dist.device, non_blocking=True)  # no stream sync
     logits = (dist / scale_dist)[:, None] * inv_T[:, None, None]  # (G, K, Ng, Nt)
 
-    if softmax == "both":  # sqrt(softmax over y * softmax over x), clamped as the official sqrt(clip(product, 1e-6))
-        lse = logits.logsumexp(-1, keepdim=True) + logits.logsumexp(-2, keepdim=True)
-        A = logits.sub_(lse.mul_(0.5)).exp_().clamp_min_(1e-3)  # in place: eager (--no_compile) peak memory
+    if softmax == "both":  # clamped as the official sqrt(clip(product, 1e-6))
+        A = _sqrt_softmax(logits).clamp_min_(1e-3)
     else:  # Table 11 ablation "y only": the plain row softmax (the paper gives no clamp for it)
         A = logits.softmax(-1)
     del logits
