@@ -113,19 +113,23 @@ def loss_from_sets(gen, real):
     loss.backward()
 
 
-def sets_and_drift_step():
-    for t in (raw_gen, *gen_maps.values()):
-        t.grad = None
+def build_sets():
+    """The feature sets of the generated maps (with autograd) and of the real ones (without), as train.py."""
     gen = drift.feature_sets(gen_maps, enc.input_patchified(raw_gen), raw=raw_gen)
     with torch.no_grad():
         real = drift.feature_sets(real_maps, enc.input_patchified(x_real), raw=x_real)
-    loss_from_sets(gen, real)
+    return gen, real
+
+
+def sets_and_drift_step():
+    for t in (raw_gen, *gen_maps.values()):
+        t.grad = None
+    loss_from_sets(*build_sets())
 
 
 with torch.no_grad():  # fixed sets, the generated ones as leaves that take the gradient
-    fixed_gen = {k: v.detach().requires_grad_() for k, v in
-                 drift.feature_sets(gen_maps, enc.input_patchified(raw_gen), raw=raw_gen).items()}
-    fixed_real = drift.feature_sets(real_maps, enc.input_patchified(x_real), raw=x_real)
+    fixed_gen, fixed_real = build_sets()
+    fixed_gen = {k: v.detach().requires_grad_() for k, v in fixed_gen.items()}
 
 
 def drift_step():
