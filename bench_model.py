@@ -9,6 +9,7 @@ generator (weight and input gradients), 1x forward for the frozen encoder (input
     python bench_model.py --small        # CPU smoke run
 """
 import argparse
+import gc
 import time
 
 import torch
@@ -93,10 +94,14 @@ for what, fn, key, batch, kw in runs:
         seconds, flops = fn(key, batch, **kw)
     except torch.OutOfMemoryError:
         print(f"{what:<38} {batch:>6} out of memory")
-        torch._dynamo.reset()
+        seconds = None
+    torch._dynamo.reset()
+    gc.collect()  # a failed row's tensors can stay in reference cycles of its traceback and starve the next rows
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if seconds is None:
         continue
     tflops = flops * batch / seconds / 1e12
     mem = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
     print(f"{what:<38} {batch:>6} {seconds * 1e3:>9.1f} {batch / seconds:>9.0f} {tflops:>8.1f} "
           f"{tflops * 1e12 / PEAK:>6.1%} {mem:>7.1f}")
-    torch._dynamo.reset()
