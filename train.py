@@ -48,7 +48,7 @@ STAGE_DEFAULTS = {
 }
 # Small runs: `--stage mae --preset P`, then `--stage gen --preset P` (which finds that encoder).
 # fmnist: on one H100, MAE 2.7 min (1500 steps, the last 300 with the classification fine-tune), then the generator:
-# 2.4 min compiling, ~115 ms/step, FID 14.9 at step 2600 (README). lr 1.2e-3 beat 6e-4 early (FID 19.5 vs 22.1 at
+# 2.4 min compiling, ~115 ms/step, FID 14.9 at step 2600 (README run B). lr 1.2e-3 beat 6e-4 early (19.5 vs 22.1 at
 # step 1200); EMA 0.995: this short run still moves fast, and 0.999 lags (an earlier run: 15.0 vs 25.5).
 # fmnist_cpu: a smoke run of the whole pipeline on a CPU in a few minutes (blurry samples, no FID).
 FMNIST = dict(dataset="fmnist", data="data/fashion-mnist", log_every=50, ckpt_every=500, sample_every=500)
