@@ -82,7 +82,6 @@ if args.compile:
     rows.append(("same, torch.compile", best, args.num_images, timed_run(compiled, best, args.num_images)))
 
 
-
 @torch.no_grad()
 def time_network(x, tf32):
     """(seconds for 10 forward passes, features) in fp32 or TF32; network only, no statistics."""

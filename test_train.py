@@ -110,8 +110,6 @@ def test_two_process_gloo_run_stays_in_sync(fmnist, mae_ckpt, tmp_path):
     assert "identical on all 2 processes: True" in result.stdout, result.stdout + result.stderr
 
 
-
-
 def test_latent_cache_trains(tmp_path):
     # the generator stage runs on a (random) latent cache laid out as prepare_imagenet.py writes it
     rng = np.random.default_rng(0)
@@ -120,8 +118,6 @@ def test_latent_cache_trains(tmp_path):
     model = train.main([*TINY_GEN, "--dataset", "imagenet", "--data", str(tmp_path), "--encoder", "none",
                         "--out", str(tmp_path / "run"), "--steps", "1"])
     assert model.in_channels == 4 and all(p.isfinite().all() for p in model.parameters())
-
-
 
 
 def test_pixel_run_with_convnext_trains(tmp_path, monkeypatch):
