@@ -3,6 +3,7 @@
 The reference is Hugging Face transformers' ConvNextV2 (a test-only dependency).
 """
 
+import os
 import urllib.error
 import urllib.request
 
@@ -107,6 +108,17 @@ def test_offline_download_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlretrieve", no_network)
     with pytest.raises(RuntimeError, match="Offline"):
         load_convnext_v2("base", cache_dir=str(tmp_path))
+
+
+def test_convnext_download_falls_back_to_bin_on_404(tmp_path, monkeypatch):
+    # the facebook/convnextv2-* repos have no model.safetensors: a 404 moves on to pytorch_model.bin
+    def hub(url, path):
+        if url.endswith("model.safetensors"):
+            raise urllib.error.HTTPError(url, 404, "Not Found", None, None)
+        open(path, "wb").write(b"weights")
+    monkeypatch.setattr(urllib.request, "urlretrieve", hub)
+    path = convnext._cnx_download("facebook/convnextv2-base-22k-224", str(tmp_path))
+    assert path.endswith("pytorch_model.bin") and os.listdir(tmp_path) == [os.path.basename(path)]
 
 
 def test_gradients_reach_the_input():

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import convnext
 from data import Data, SampleQueue, download_file
 
 
@@ -81,14 +80,3 @@ def test_failed_download_leaves_nothing_and_names_the_fix(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="http://x/f.bin.*copy it by hand"):
         download_file("http://x/f.bin", str(tmp_path / "f.bin"), "copy it by hand")
     assert os.listdir(tmp_path) == []
-
-
-def test_convnext_download_falls_back_to_bin_on_404(tmp_path, monkeypatch):
-    # the facebook/convnextv2-* repos have no model.safetensors: a 404 moves on to pytorch_model.bin
-    def hub(url, path):
-        if url.endswith("model.safetensors"):
-            raise urllib.error.HTTPError(url, 404, "Not Found", None, None)
-        open(path, "wb").write(b"weights")
-    monkeypatch.setattr(urllib.request, "urlretrieve", hub)
-    path = convnext._cnx_download("facebook/convnextv2-base-22k-224", str(tmp_path))
-    assert path.endswith("pytorch_model.bin") and os.listdir(tmp_path) == [os.path.basename(path)]

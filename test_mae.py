@@ -2,13 +2,11 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import MAE_models
-from official import mae_from_official
 
 torch.set_num_threads(1)
 
@@ -178,73 +176,6 @@ def test_init_is_lecun_normal():
     # Flax default kernel init: variance 1 / fan_in (fan_in = 3 * 3 * 256 for a layer4 conv)
     w = tiny().encoder.stages[3][1].conv2.weight
     assert abs(w.std().item() * math.sqrt(w[0].numel()) - 1.0) < 0.02
-
-
-def _official_tree(in_channels, width, layers, patch, num_classes, seed=0):
-    """Nested param dict with the names and shapes of the official Flax MAEResNetJAX."""
-    rng = np.random.default_rng(seed)
-
-    def conv(k, cin, cout, bias=False):
-        p = {"kernel": rng.standard_normal((k, k, cin, cout)).astype(np.float32)}
-        return {**p, "bias": rng.standard_normal(cout).astype(np.float32)} if bias else p
-
-    def gn(c):
-        return {"scale": rng.standard_normal(c).astype(np.float32), "bias": rng.standard_normal(c).astype(np.float32)}
-
-    grid = in_channels * patch * patch
-    encoder, cin = {"conv1": conv(3, grid, width), "gn1": gn(width)}, width
-    for s, depth in enumerate(layers):
-        cout, stage = width * 2 ** s, {}
-        for j in range(depth):
-            block = {"conv1": conv(3, cin if j == 0 else cout, cout), "gn1": gn(cout),
-                     "conv2": conv(3, cout, cout), "gn2": gn(cout)}
-            if j == 0 and s > 0:  # projection exists only where the shape changes
-                block.update(proj_conv=conv(1, cin, cout), proj_gn=gn(cout))
-            stage[f"layers_{j}"] = block
-        encoder[f"stages_{s}"], encoder[f"layer{s + 1}_norm"], cin = stage, gn(cout), cout
-
-    def up(cin, cout):
-        return {"concat_norm_fn": gn(cin), "proj": {"conv": conv(3, cin, cout), "gn": gn(cout)},
-                "refine": {"conv": conv(3, cout, cout), "gn": gn(cout)}}
-
-    c = width
-    decoder = {"bridge": {"conv": conv(3, 8 * c, 8 * c), "gn": gn(8 * c)}, "up43": up(12 * c, 4 * c),
-               "up32": up(6 * c, 2 * c), "up21": up(3 * c, c), "up10": up(2 * c, c), "head": conv(1, c, grid, bias=True)}
-    fc = {"kernel": rng.standard_normal((8 * c, num_classes)).astype(np.float32),
-          "bias": rng.standard_normal(num_classes).astype(np.float32)}
-    return {"params": {"encoder": encoder, "decoder": decoder, "fc": fc}}
-
-
-META = {"model_config": {"base_channels": 32, "layers": [1, 2, 1, 2], "in_channels": 3, "input_patch_size": 2,
-                         "patch_size": 2, "dropout_prob": 0.0, "use_bf16": True}}
-
-
-def test_mae_from_official_maps_every_tensor():
-    # every model tensor gets an official array; kernels land transposed (HWIO -> OIHW, (in,out) -> (out,in))
-    tree = _official_tree(3, 32, (1, 2, 1, 2), 2, 7)
-    model = mae_from_official(META, tree)
-    p = tree["params"]
-    assert model.fc.out_features == 7 and model.mask_patch == 2 and model.layers == (1, 2, 1, 2)
-    assert torch.equal(model.encoder.conv1.weight[5, 11, 2, 0], torch.tensor(p["encoder"]["conv1"]["kernel"][2, 0, 11, 5]))
-    proj = p["encoder"]["stages_1"]["layers_0"]["proj_conv"]["kernel"]
-    assert torch.equal(model.encoder.stages[1][0].proj_conv.weight[:, :, 0, 0], torch.tensor(proj[0, 0].T))
-    assert torch.equal(model.fc.weight, torch.tensor(p["fc"]["kernel"].T))
-    assert torch.equal(model.encoder.norms[3].weight, torch.tensor(p["encoder"]["layer4_norm"]["scale"]))
-    n_arrays = sum(1 for _ in _leaves(tree))
-    assert n_arrays == len(model.state_dict())
-
-
-def _leaves(tree):
-    for v in tree.values():
-        yield from (_leaves(v) if isinstance(v, dict) else [v])
-
-
-def test_mae_from_official_rejects_missing_and_unmapped_keys():
-    tree = _official_tree(3, 32, (1, 2, 1, 2), 2, 7)
-    del tree["params"]["decoder"]["up21"]["refine"]["gn"]["scale"]
-    tree["params"]["encoder"]["extra"] = {"kernel": np.zeros(3, np.float32)}
-    with pytest.raises(ValueError, match=r"decoder/up21/refine/gn/scale.*encoder/extra/kernel"):
-        mae_from_official(META, tree)
 
 
 def test_rejects_wrong_channel_count():
