@@ -19,11 +19,13 @@ import torch
 TEMPERATURES = (0.02, 0.05, 0.2)
 
 
-def _cdist(x, y):
+def _cdist(x, y, n=None):
     # Batched L2 distance through one matmul: (G, N, D) x (G, M, D) -> (G, N, M), no (G, N, M, D) difference.
-    # Clamped at 1e-8 like the official, so rounding below 0 or a zero distance stays finite under sqrt.
-    sq = x.square().sum(-1)[:, :, None] + y.square().sum(-1)[:, None, :] - 2 * torch.bmm(x, y.transpose(1, 2))
-    return sq.clamp_min(1e-8).sqrt()
+    # n: x is y[:, :n], whose squared norms are then y's. Clamped at 1e-8 like the official, so rounding below 0 or
+    # a zero distance stays finite under sqrt.
+    y_sq = y.square().sum(-1)
+    x_sq = x.square().sum(-1) if n is None else y_sq[:, :n]
+    return (x_sq[:, :, None] + y_sq[:, None, :] - 2 * torch.bmm(x, y.transpose(1, 2))).clamp_min(1e-8).sqrt()
 
 
 def _sqrt_softmax(logits):
@@ -62,7 +64,6 @@ def _segment_sum(x, seg, n_seg):
     return x.new_zeros(n_seg, *x.shape[1:], dtype=torch.float64).index_add_(0, seg, x.double()).to(x.dtype)
 
 
-@torch.no_grad()
 def _drift_step(targets, w, seg, counts, Ng, Nn, temperatures, reduce, attraction, repulsion, softmax):
     """
     The frozen drift of drift_loss for several independent sets at once. targets (G, Nt, D) = [gen | neg | pos],
@@ -74,7 +75,7 @@ def _drift_step(targets, w, seg, counts, Ng, Nn, temperatures, reduce, attractio
     """
     G, Nt, D = targets.shape
     S = counts.shape[0]
-    dist = _cdist(targets[:, :Ng], targets)  # (G, Ng, Nt)
+    dist = _cdist(targets[:, :Ng], targets, n=Ng)  # (G, Ng, Nt)
 
     # One scale per set: the weighted mean distance over its groups (and ranks, via reduce; one call for all sets).
     per_group = torch.stack([(dist.sum(1) * w).sum(-1) / (Ng * Nt), w.sum(-1) / Nt], dim=-1)  # (G, 2)
@@ -118,39 +119,75 @@ def _drift_step(targets, w, seg, counts, Ng, Nn, temperatures, reduce, attractio
     return step, scale_in[seg], scale, mean_sq
 
 
-_step = _drift_step  # compile_drift() swaps in the compiled version
+def _targets(sets):
+    # [gen | neg | pos] of every group of every set in one float32 (G, Nt, D) buffer, centred on each group's mean
+    # generated sample (the field is translation invariant, and centring keeps the distance and force matmuls
+    # accurate, TF32 included, for features far from the origin), and their weights (G, Nt). Written as cats of
+    # centred pieces, which torch.compile turns into one pass over the inputs (strided views included; gen is read
+    # twice, for its mean and for the copy).
+    parts, weights = [], []
+    for gen, pos, neg, w_gen, w_pos, w_neg in sets:
+        cols = [x.float() for x in ([gen, pos] if neg is None else [gen, neg, pos])]
+        mean = cols[0].mean(-2, keepdim=True)
+        parts.append(torch.cat([x - mean for x in cols], dim=-2).flatten(0, -3))
+        ws = [w_gen, w_pos] if neg is None else [w_gen, w_neg, w_pos]
+        weights.append(torch.cat([x.new_ones(x.shape[:-1]) if w is None else w.float().expand(x.shape[:-1])
+                                  for x, w in zip(cols, ws)], dim=-1).flatten(0, -2))
+    return torch.cat(parts), torch.cat(weights)
+
+
+@torch.no_grad()
+def _frozen(sets, seg, counts, temperatures, reduce, attraction, repulsion, softmax):
+    # Everything inside the stop-gradient, for a list of sets (see _drift_step): the loss per group (G,), its
+    # value mean(step~^2), and per set its gradient for a unit upstream gradient, laid out as the set's gen.
+    Ng, Nn = sets[0][0].shape[-2], 0 if sets[0][2] is None else sets[0][2].shape[-2]
+    targets, w = _targets(sets)
+    step, scale_in, scale, mean_sq = _drift_step(targets, w, seg, counts, Ng, Nn, temperatures, reduce,
+                                                 attraction, repulsion, softmax)
+    D = step.shape[2]
+    loss = step.square().sum((1, 2)) / (Ng * D * scale_in.square())
+    # d loss / d gen = -2 step~ / (s Ng D) with step~ = step / s: the goal is never formed. Written in each gen's
+    # own memory layout, so that the backward is one plain multiply per set.
+    grad = step * (-2.0 / (Ng * D * scale_in.square()))[:, None, None]
+    grads, off = [], 0
+    for gen, *_ in sets:
+        n = math.prod(gen.shape[:-2])
+        grads.append(torch.empty_like(gen, dtype=torch.float32).copy_(grad[off:off + n].view(gen.shape)))
+        off += n
+    return loss, grads, scale, mean_sq
+
+
+_frozen_fn = _frozen  # compile_drift() swaps in the compiled version
 
 
 def compile_drift():
-    """Run the drift step through torch.compile, one graph per shape (a dozen per training step), as train.py does
-    on GPUs: on an H100 bench_drift's drift loss at the ablation shape takes 106 ms and 7.6 GiB compiled, 215 ms
-    and 22.9 GiB eager."""
-    global _step
+    """Run the frozen part of the drift (targets, field, loss value and gradient) through torch.compile, one graph
+    per feature width (a dozen per training step), as train.py does on GPUs."""
+    global _frozen_fn
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    _step = torch.compile(_drift_step, dynamic=False)
+    _frozen_fn = torch.compile(_frozen, dynamic=False)
 
 
 class _Regression(torch.autograd.Function):
     """
-    mean over (Ng, D) of (gen~ - stopgrad(gen~ + step~))^2 per group, for step (G, Ng, D) in input coordinates,
-    ~ = / s with s (G,), and the groups' generated samples given as sets gens (*B_i, Ng, D) of prod(B_i) groups each,
-    in order. The goal is never formed: the value is mean(step~^2) and d / d gen = -2 step~ / (s Ng D).
+    The loss per group (G,), mean over (Ng, D) of (gen~ - stopgrad(goal~))^2, computed inside the stop-gradient,
+    attached to the generated samples of n sets: gens (*B_i, Ng, D) of prod(B_i) groups each, in order, whose
+    gradients for a unit upstream gradient are grads (the set's gen's shape).
     """
 
     @staticmethod
-    def forward(ctx, step, scale_in, *gens):
-        ctx.save_for_backward(step, scale_in)
-        ctx.shapes = [g.shape for g in gens]
-        n = step.shape[-2] * step.shape[-1]
-        return torch.linalg.vector_norm(step, dim=(-2, -1)).square() / (n * scale_in.square())  # (G,)
+    def forward(ctx, loss, n, *grads_and_gens):
+        ctx.save_for_backward(*grads_and_gens[:n])
+        return loss.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        step, scale_in = ctx.saved_tensors
-        n = step.shape[-2] * step.shape[-1]
-        grad_gen = step * (grad * (-2.0 / n) / scale_in.square())[:, None, None]  # (G, Ng, D)
-        sizes = [math.prod(s[:-2]) for s in ctx.shapes]
-        return None, None, *(g.view(s) for g, s in zip(grad_gen.split(sizes), ctx.shapes))
+        out, off = [], 0
+        for g in ctx.saved_tensors:
+            k = math.prod(g.shape[:-2])
+            out.append(g * grad[off:off + k].view(*g.shape[:-2], 1, 1))
+            off += k
+        return None, None, *[None] * len(out), *out
 
 
 def _loss(sets, temperatures, reduce, attraction, repulsion, softmax):
@@ -159,38 +196,18 @@ def _loss(sets, temperatures, reduce, attraction, repulsion, softmax):
     # by all sets; the inputs may be strided views. All groups run as one batch, but every set keeps its own
     # distance scale and force normalization. Returns per group the loss (G,) (sets in order, groups flattened),
     # per set its mean loss (S,), scale (S,) and force mean squares (S, K) (formatted by _info outside, so that
-    # this function compiles into one graph).
-    gen0, pos0, neg0 = sets[0][:3]
-    Ng, D = gen0.shape[-2:]
-    Nn, Np = 0 if neg0 is None else neg0.shape[-2], pos0.shape[-2]
-    Nt, device = Ng + Nn + Np, gen0.device
+    # the frozen part compiles into one graph).
     sizes = [math.prod(s[0].shape[:-2]) for s in sets]
-    G, S = sum(sizes), len(sets)
+    G, S, device = sum(sizes), len(sets), sets[0][0].device
     # The set of each group, built on the host and sent without a stream sync.
     seg = torch.repeat_interleave(torch.arange(S), torch.tensor(sizes), output_size=G).to(device, non_blocking=True)
     counts = torch.tensor(sizes, dtype=torch.float32).to(device, non_blocking=True)
     with torch.autocast(device.type, enabled=False):  # distances need float32 even under bf16
         gens = [s[0].float() for s in sets]
-        # Targets [gen | neg | pos] of every set in one contiguous buffer (the copy also folds strided inputs into
-        # groups), centred on each group's mean generated sample: the field is translation invariant, and centring
-        # keeps the distance and force matmuls accurate (TF32 included) for features far from the origin.
-        targets = gen0.new_empty(G, Nt, D, dtype=torch.float32)
-        w = targets.new_ones(G, Nt)
-        off = 0
-        for (_, pos, neg, w_gen, w_pos, w_neg), gen, n in zip(sets, gens, sizes):
-            t, wt = targets[off:off + n].view(*gen.shape[:-2], Nt, D), w[off:off + n].view(*gen.shape[:-2], Nt)
-            t[..., :Ng, :] = gen.detach()
-            t[..., Ng + Nn:, :] = pos.detach()
-            if neg is not None:
-                t[..., Ng:Ng + Nn, :] = neg.detach()
-            for x, cols in ((w_gen, slice(0, Ng)), (w_neg, slice(Ng, Ng + Nn)), (w_pos, slice(Ng + Nn, Nt))):
-                if x is not None:
-                    wt[..., cols] = x
-            off += n
-        targets.sub_(targets[:, :Ng].mean(1, keepdim=True))  # (G, Nt, D)
-        step, scale_in, scale, mean_sq = _step(targets, w, seg, counts, Ng, Nn, temperatures, reduce,
-                                               attraction, repulsion, softmax)
-        loss = _Regression.apply(step, scale_in, *gens)  # (G,) the gradient reaches gen only here
+        frozen = [(g.detach(), *(None if x is None else x.detach() for x in s[1:])) for g, s in zip(gens, sets)]
+        loss, grads, scale, mean_sq = _frozen_fn(frozen, seg, counts, temperatures, reduce, attraction, repulsion,
+                                                 softmax)
+        loss = _Regression.apply(loss, len(gens), *grads, *gens)  # (G,) the gradient reaches gen only here
         loss_mean = _segment_sum(loss, seg, S) / counts  # (S,)
     return loss, loss_mean, scale, mean_sq
 

@@ -333,7 +333,7 @@ def test_compiled_drift_step_equals_eager(monkeypatch):
         total, _ = feature_drift_loss(gen, pos, neg, w_neg)
         return total, torch.autograd.grad(total, list(gen.values()))
     eager = loss_and_grads()
-    monkeypatch.setattr(drift, "_step", drift._step)  # restored after the test
+    monkeypatch.setattr(drift, "_frozen_fn", drift._frozen_fn)  # restored after the test
     drift.compile_drift()
     torch.testing.assert_close(loss_and_grads(), eager, rtol=1e-5, atol=1e-6)
 
