@@ -274,10 +274,15 @@ def sum_of_group_losses(gen, pos, neg, w_neg, **ablation):
 
 
 def test_feature_drift_loss_equals_sum_of_drift_losses():
-    # the feature loss is the sum over names of drift_loss with every (class, location) its own group
+    # the feature loss is the sum over names of drift_loss with every (class, location) its own group, and so is
+    # its gradient (written by the batched call straight into each set's layout)
     gen, pos, neg, w_neg = feature_inputs()
+    gen = {k: v.requires_grad_() for k, v in gen.items()}
     total, _ = feature_drift_loss(gen, pos, neg, w_neg)
-    torch.testing.assert_close(total, sum_of_group_losses(gen, pos, neg, w_neg))
+    loop = sum_of_group_losses(gen, pos, neg, w_neg)
+    torch.testing.assert_close(total, loop)
+    torch.testing.assert_close(torch.autograd.grad(total, list(gen.values())),
+                               torch.autograd.grad(loop, list(gen.values())))
 
 
 def test_feature_drift_loss_passes_ablations():
@@ -292,11 +297,15 @@ def test_feature_drift_loss_passes_ablations():
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_feature_drift_loss_takes_feature_sets_views(memory_format):
     # the strided (Nc, N, L, C) views that feature_sets makes of conv maps give the loss of contiguous copies
-    maps = {"a": randn(12, 5, 4, 4).to(memory_format=memory_format)}
+    # (and the same gradient to the maps)
+    maps = {"a": randn(12, 5, 4, 4).to(memory_format=memory_format).requires_grad_()}
     sets = {k: v.unflatten(0, (2, 6)) for k, v in feature_sets(maps).items()}  # 2 classes of 6 samples
-    gen, pos = {k: v[:, :4] for k, v in sets.items()}, {k: v[:, 4:] for k, v in sets.items()}
+    gen, pos = {k: v[:, :4] for k, v in sets.items()}, {k: v[:, 4:].detach() for k, v in sets.items()}
     contiguous = lambda d: {k: v.contiguous() for k, v in d.items()}  # noqa: E731
-    torch.testing.assert_close(feature_drift_loss(gen, pos)[0], feature_drift_loss(contiguous(gen), contiguous(pos))[0])
+    views, copies = feature_drift_loss(gen, pos)[0], feature_drift_loss(contiguous(gen), contiguous(pos))[0]
+    torch.testing.assert_close(views, copies)
+    torch.testing.assert_close(torch.autograd.grad(views, maps["a"], retain_graph=True),  # shared feature_sets graph
+                               torch.autograd.grad(copies, maps["a"]))
 
 
 def equal_width_inputs(Nc=2, Ng=4, Np=3, Nn=2):
@@ -316,12 +325,15 @@ def test_feature_drift_loss_batches_equal_widths():
 
 
 def test_feature_drift_loss_batched_equals_each_name_alone():
-    # batched names keep their own statistics: loss and every info entry equal those of each name computed alone
+    # batched names keep their own statistics: loss, gradient and every info entry equal those of each name alone
     gen, pos, neg, w_neg = equal_width_inputs()
+    gen = {k: v.requires_grad_() for k, v in gen.items()}
     total, info = feature_drift_loss(gen, pos, neg, w_neg)
     alone = [feature_drift_loss({k: gen[k]}, {k: pos[k]}, {k: neg[k]}, w_neg) for k in gen]
     torch.testing.assert_close(total, sum(t for t, _ in alone))
     torch.testing.assert_close(info, {k: v for _, i in alone for k, v in i.items()})
+    torch.testing.assert_close(torch.autograd.grad(total, list(gen.values())),
+                               [torch.autograd.grad(t, g)[0] for (t, _), g in zip(alone, gen.values())])
 
 
 def test_compiled_drift_step_equals_eager(monkeypatch):
