@@ -230,7 +230,7 @@ def test_official_pixel_generator_samples_through_sample_py(tmp_path):
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
 
 
-def _official_tree(in_channels, width, layers, patch, num_classes, seed=0):
+def official_mae_tree(in_channels, width, layers, patch, num_classes, seed=0):
     """Nested param dict with the names and shapes of the official Flax MAEResNetJAX."""
     rng = np.random.default_rng(seed)
 
@@ -265,14 +265,14 @@ def _official_tree(in_channels, width, layers, patch, num_classes, seed=0):
     return {"params": {"encoder": encoder, "decoder": decoder, "fc": fc}}
 
 
-META = {"model_config": {"base_channels": 32, "layers": [1, 2, 1, 2], "in_channels": 3, "input_patch_size": 2,
+MAE_META = {"model_config": {"base_channels": 32, "layers": [1, 2, 1, 2], "in_channels": 3, "input_patch_size": 2,
                          "patch_size": 2, "dropout_prob": 0.0, "use_bf16": True}}
 
 
 def test_mae_from_official_maps_every_tensor():
     # every model tensor gets an official array; kernels land transposed (HWIO -> OIHW, (in,out) -> (out,in))
-    tree = _official_tree(3, 32, (1, 2, 1, 2), 2, 7)
-    model = mae_from_official(META, tree)
+    tree = official_mae_tree(3, 32, (1, 2, 1, 2), 2, 7)
+    model = mae_from_official(MAE_META, tree)
     p = tree["params"]
     assert model.fc.out_features == 7 and model.mask_patch == 2 and model.layers == (1, 2, 1, 2)
     assert torch.equal(model.encoder.conv1.weight[5, 11, 2, 0], torch.tensor(p["encoder"]["conv1"]["kernel"][2, 0, 11, 5]))
@@ -280,27 +280,21 @@ def test_mae_from_official_maps_every_tensor():
     assert torch.equal(model.encoder.stages[1][0].proj_conv.weight[:, :, 0, 0], torch.tensor(proj[0, 0].T))
     assert torch.equal(model.fc.weight, torch.tensor(p["fc"]["kernel"].T))
     assert torch.equal(model.encoder.norms[3].weight, torch.tensor(p["encoder"]["layer4_norm"]["scale"]))
-    n_arrays = sum(1 for _ in _leaves(tree))
-    assert n_arrays == len(model.state_dict())
-
-
-def _leaves(tree):
-    for v in tree.values():
-        yield from (_leaves(v) if isinstance(v, dict) else [v])
+    assert len(official.flatten(tree)) == len(model.state_dict())
 
 
 def test_mae_from_official_rejects_missing_and_unmapped_keys():
-    tree = _official_tree(3, 32, (1, 2, 1, 2), 2, 7)
+    tree = official_mae_tree(3, 32, (1, 2, 1, 2), 2, 7)
     del tree["params"]["decoder"]["up21"]["refine"]["gn"]["scale"]
     tree["params"]["encoder"]["extra"] = {"kernel": np.zeros(3, np.float32)}
     with pytest.raises(ValueError, match=r"decoder/up21/refine/gn/scale.*encoder/extra/kernel"):
-        mae_from_official(META, tree)
+        mae_from_official(MAE_META, tree)
 
 
 def test_official_mae_folder_is_a_train_encoder(tmp_path):
     # an official MAE artifact on disk (msgpack, kind 'mae') is a frozen --encoder of train.py, checked for channels
-    mae_tree = _official_tree(3, 32, (1, 2, 1, 2), 2, 7)
-    folder = write_artifact(tmp_path / "mae", mae_tree, META["model_config"], kind="mae")
+    mae_tree = official_mae_tree(3, 32, (1, 2, 1, 2), 2, 7)
+    folder = write_artifact(tmp_path / "mae", mae_tree, MAE_META["model_config"], kind="mae")
     encoder = train.load_encoder(str(folder), in_channels=3)
     assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
     assert torch.equal(encoder.fc.bias, torch.from_numpy(mae_tree["params"]["fc"]["bias"]))
