@@ -144,16 +144,16 @@ def _frozen(sets, seg, counts, temperatures, reduce, attraction, repulsion, soft
     targets, w = _targets(sets)
     step, scale_in, scale, mean_sq = _drift_step(targets, w, seg, counts, Ng, Nn, temperatures, reduce,
                                                  attraction, repulsion, softmax)
-    D = step.shape[2]
-    loss = step.square().sum((1, 2)) / (Ng * D * scale_in.square())
+    n = Ng * step.shape[2] * scale_in.square()  # (G,) Ng D s^2
+    loss = step.square().sum((1, 2)) / n
     # d loss / d gen = -2 step~ / (s Ng D) with step~ = step / s: the goal is never formed. Written in each gen's
     # own memory layout, so that the backward is one plain multiply per set.
-    grad = step * (-2.0 / (Ng * D * scale_in.square()))[:, None, None]
+    grad = step * (-2.0 / n)[:, None, None]
     grads, off = [], 0
     for gen, *_ in sets:
-        n = math.prod(gen.shape[:-2])
-        grads.append(torch.empty_like(gen, dtype=torch.float32).copy_(grad[off:off + n].view(gen.shape)))
-        off += n
+        k = math.prod(gen.shape[:-2])
+        grads.append(torch.empty_like(gen, dtype=torch.float32).copy_(grad[off:off + k].view(gen.shape)))
+        off += k
     return loss, grads, scale, mean_sq
 
 
