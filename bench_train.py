@@ -15,9 +15,11 @@ train.py logs (generator 3x forward, encoder 2x forward on generated and 1x on r
 loss's matmuls are shown separately.
 """
 import argparse
+import os
 import time
 from contextlib import nullcontext
 
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as train.py (--remat 8 fits 80 GB)
 import torch
 
 import drift
@@ -37,7 +39,8 @@ parser.add_argument("--iters", type=int, default=10, help="timed iterations per 
 parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation)")
 parser.add_argument("--small", action="store_true", help="tiny models on the CPU, a smoke run")
 parser.add_argument("--no_compile", action="store_true")
-parser.add_argument("--remat", action="store_true", help="recompute DiT blocks in the backward (train.py --remat)")
+parser.add_argument("--remat", type=int, nargs="?", const=True, default=0,
+                    help="recompute all DiT blocks (or the first K) in the backward (train.py --remat [K])")
 parser.add_argument("--profile", action="store_true", help="profile 3 whole steps (the top kernels and ops) "
                     "before timing the parts")
 parser.add_argument("--convnext", action="store_true", help="pixel models: ConvNeXt-V2-Base features too "
