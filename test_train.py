@@ -11,6 +11,7 @@ import torch
 
 import train
 from convnext import ConvNeXtV2
+from model import DiT_models
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_GEN = ["--stage", "gen", "--dataset", "fmnist", "--model", "T/2", "--nc", "2", "--n_pos", "4", "--n_neg", "4",
@@ -67,6 +68,13 @@ def test_preset_sets_defaults_and_flags_win():
     # a preset replaces the stage defaults, and an explicit flag replaces the preset
     args = train.get_args(["--stage", "gen", "--preset", "fmnist", "--lr", "1e-3"])
     assert (args.model, args.nc, args.encoder, args.lr) == ("S/2", 10, "runs/fmnist_mae/ckpt.pt", 1e-3)
+
+
+def test_remat_flag_alone_recomputes_every_block_and_with_k_the_first_k():
+    # --remat (the official use_remat) and --remat K reach the model as a block count
+    counts = [DiT_models["B/2"](remat=train.get_args(flags).remat).remat
+              for flags in ([], ["--remat"], ["--remat", "8"])]
+    assert counts == [0, 12, 8]
 
 
 def test_mae_stage_writes_checkpoint(mae_ckpt):
