@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import pickle
 import struct
 import zipfile
 
@@ -301,10 +302,13 @@ def is_torchscript(path):
 def load_inception(path=None):
     """FID-Inception in eval mode from a pytorch-fid .pth or an NVIDIA-layout TorchScript file."""
     path = path or default_weights()
-    if is_torchscript(path):
-        state = rename_torchscript(torch.jit.load(path, map_location="cpu").state_dict())
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if is_torchscript(path):
+            state = rename_torchscript(torch.jit.load(path, map_location="cpu").state_dict())
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable weights file (a partial download?): {str(e).splitlines()[0]}") from None
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     model = InceptionV3(with_fc="fc.weight" in state)
     missing, unexpected = model.load_state_dict(state, strict=False)

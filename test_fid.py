@@ -73,6 +73,17 @@ def test_pytorch_fid_state_dict_loads_with_classifier(torchscript, tmp_path):
     assert torch.equal(model.fc.weight, state["fc.weight"])
 
 
+@pytest.mark.parametrize("fmt", ["pth", "torchscript"])
+def test_truncated_weights_file_is_a_clear_error(fmt, torchscript, torchscript_path, tmp_path):
+    # a partial download (here the first 60%) of either format: one ValueError naming the file
+    full = tmp_path / "full.pth"
+    torch.save(fid.rename_torchscript(torchscript.state_dict()), full)
+    data = open(full if fmt == "pth" else torchscript_path, "rb").read()
+    (tmp_path / "part").write_bytes(data[:len(data) * 3 // 5])
+    with pytest.raises(ValueError, match="part: not a readable weights file"):
+        fid.load_inception(str(tmp_path / "part"))
+
+
 def test_frechet_identical_statistics_is_zero():
     # d(P, P) = 0
     rng = np.random.default_rng(0)

@@ -181,3 +181,12 @@ def test_nan_stops_and_keeps_last_checkpoint(fmnist, mae_ckpt, tmp_path):
     with pytest.raises(FloatingPointError, match="became NaN/inf"):
         run_gen(fmnist, mae_ckpt, tmp_path, "--steps", "4", "--lr", "inf", "--resume", str(tmp_path / "ckpt.pt"))
     assert file_hash(tmp_path / "ckpt.pt") == before
+
+
+def test_unreadable_fid_weights_stop_the_run_before_training(fmnist, mae_ckpt, tmp_path):
+    # a partial download of the Inception weights is one clear error at the start, not after the training steps
+    (tmp_path / "incep.pth").write_bytes(b"PK\x03\x04 not the whole file")
+    with pytest.raises(ValueError, match="incep.pth: not a readable weights file"):
+        run_gen(fmnist, mae_ckpt, tmp_path / "run", "--steps", "2", "--fid_ref", "test",
+                "--fid_weights", str(tmp_path / "incep.pth"))
+    assert not (tmp_path / "run" / "ckpt.pt").exists()

@@ -399,11 +399,11 @@ def main(argv=None):
         return np.concatenate([generate(ema, vae, indices[i:i + 250], classes, alpha, 0, device.type == "cuda")
                                for i in range(0, len(indices), 250)])
 
-    fid_state = {}  # the Inception network and the reference statistics, made once
+    # The Inception network loaded now (bad weights stop the run before it trains), the reference statistics once
+    fid_state = {"net": fid.load_inception(args.fid_weights).to(device)} if gen_stage and args.fid_ref else {}
 
     def evaluate_fid(step, alphas, decays=args.ema_decays[:1]):
-        if not fid_state:
-            fid_state["net"] = fid.load_inception(args.fid_weights).to(device)
+        if "ref" not in fid_state:
             fid_state["ref"] = (fid.compute_statistics(Data(args.dataset, args.data, "test", device).uint8_images()
                                                        [rank::world], fid_state["net"], device=device, progress=False)
                                 if args.fid_ref == "test" else fid.load_source(args.fid_ref))
