@@ -308,7 +308,8 @@ def load_inception(path=None):
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a readable weights file (a partial download?): {str(e).splitlines()[0]}") from None
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a readable weights file (a partial download?): {first_line}") from None
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     model = InceptionV3(with_fc="fc.weight" in state)
     missing, unexpected = model.load_state_dict(state, strict=False)
