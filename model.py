@@ -36,11 +36,11 @@ def sincos_pos_embed_2d(dim, grid):
     return np.concatenate([one_axis(dim // 2, cols.reshape(-1)), one_axis(dim // 2, rows.reshape(-1))], axis=1)
 
 
-def rope_tables(seq_len, head_dim, device=None):
+def rope_tables(seq_len, head_dim):
     """cos/sin tables (T, 1, head_dim) of 1-D rotary embedding over the whole sequence (registers included)."""
     half = head_dim // 2
-    inv_freq = 1.0 / 10000 ** (torch.arange(half, device=device, dtype=torch.float32) / half)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    inv_freq = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float32) / half)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (T, 1, hd), broadcast over heads
     return angles.cos(), angles.sin()
 
@@ -110,9 +110,9 @@ class Attention(nn.Module):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)  # (B, T, H, hd) each
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
-        with sdpa_kernel(SDPA_PRIORITY, set_priority=True):  # (B, H, T, hd)
+        with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))  # out (B, H, T, hd) back to (B, T, D)
 
 
 class SwiGLU(nn.Module):

@@ -88,7 +88,7 @@ def test_blocks_are_identity_at_init():
     torch.manual_seed(0)
     model = DiT_models["T/2"](**TINY)
     x, c = torch.randn(2, 32, model.hidden_size), torch.randn(2, model.cond_dim)
-    rope = M.rope_tables(32, model.hidden_size // model.num_heads, x.device)
+    rope = M.rope_tables(32, model.hidden_size // model.num_heads)
     assert torch.equal(model.blocks[0](x, c, rope), x)
 
 
