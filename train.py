@@ -52,20 +52,22 @@ STAGE_DEFAULTS = {
 # Small runs: `--stage mae --preset P`, then `--stage gen --preset P` (which finds that encoder).
 # fmnist: on one H100, MAE 2.7 min (1500 steps, the last 300 with the classification fine-tune), then the generator:
 # 2.4 min compiling, ~115 ms/step, FID 14.9 at step 2600 (README run B). lr 1.2e-3 beat 6e-4 early (19.5 vs 22.1 at
-# step 1200); EMA 0.995: this short run still moves fast, and 0.999 lags (an earlier run: 15.0 vs 25.5).
+# step 1200); EMA 0.995: this short run still moves fast, and 0.999 lags (an earlier run: 15.0 vs 25.5). The MAE
+# sees whole images (crop_min 1): its RandomResizedCrop (0.2, as on ImageNet) cost the generator 12-21 FID points
+# at step 600 (README, the crop table); runs A-E there trained with the crops.
 # fmnist_cpu: a smoke run of the whole pipeline on a CPU in a few minutes (blurry samples, no FID).
 FMNIST = dict(dataset="fmnist", data="data/fashion-mnist", log_every=50, ckpt_every=500, sample_every=500)
 PRESETS = {
     "fmnist": {
         "mae": dict(FMNIST, model="fmnist", steps=1500, batch_size=1024, lr=2e-3, warmup=200, ema_decays=[0.999],
-                    cls_steps=300, cls_warmup=100, out="runs/fmnist_mae"),
+                    cls_steps=300, cls_warmup=100, crop_min=1.0, out="runs/fmnist_mae"),
         "gen": dict(FMNIST, model="S/2", steps=2600, nc=10, n_pos=32, n_neg=32, n_unc=16, lr=1.2e-3, warmup=300,
                     ema_decays=[0.995], out="runs/fmnist", encoder="runs/fmnist_mae/ckpt.pt", fid_ref="test",
                     fid_alphas=[1.0, 1.5, 2.0]),
     },
     "fmnist_cpu": {  # 2 cores: MAE ~0.4 s/step, generator ~3 s/step (the encoder and drift loss dominate)
         "mae": dict(FMNIST, model="tiny", steps=150, batch_size=32, lr=2e-3, warmup=20, ema_decays=[0.99],
-                    log_every=10, out="runs/fmnist_cpu_mae"),
+                    crop_min=1.0, log_every=10, out="runs/fmnist_cpu_mae"),
         "gen": dict(FMNIST, model="T/2", steps=60, nc=5, n_pos=8, n_neg=8, n_unc=4, lr=1e-3, warmup=10,
                     ema_decays=[0.95], log_every=10, sample_every=60, out="runs/fmnist_cpu",
                     encoder="runs/fmnist_cpu_mae/ckpt.pt"),
