@@ -336,8 +336,26 @@ def _mae_groups(channels, max_groups=32):
     return groups
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm's function and dtypes (float32 for autocast's bf16 maps), computed as each channel's scale
+    and shift from per-channel sums of x and x^2 in float32. Compiled, the latent_256 encoder's forward and
+    backward took 13% less time than with nn.GroupNorm (80.1 against 92.2 ms on an H200; README, Throughput)."""
+
+    def forward(self, x):
+        B, C, G = x.shape[0], x.shape[1], self.num_groups
+        xf, dims = x.float(), tuple(range(2, x.dim()))
+        n = x[0, 0].numel() * (C // G)  # elements per group
+        mean = xf.sum(dims).view(B, G, -1).sum(-1) / n  # (B, G)
+        var = ((xf * xf).sum(dims).view(B, G, -1).sum(-1) / n - mean * mean).clamp_min(0)
+        scale = torch.rsqrt(var + self.eps).repeat_interleave(C // G, 1) * self.weight  # (B, C)
+        shift = self.bias - mean.repeat_interleave(C // G, 1) * scale
+        shape = (B, C) + (1,) * len(dims)
+        y = xf * scale.view(shape) + shift.view(shape)
+        return y.to(torch.promote_types(x.dtype, self.weight.dtype))  # float32 for bf16 maps under autocast
+
+
 def _mae_norm(channels):
-    return nn.GroupNorm(_mae_groups(channels), channels, eps=1e-6)  # Flax GroupNorm eps is 1e-6
+    return GroupNorm(_mae_groups(channels), channels, eps=1e-6)  # Flax GroupNorm eps is 1e-6
 
 
 def _mae_conv3x3(in_ch, out_ch, stride=1):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import MAE_models
+from model import GroupNorm, MAE_models
 
 torch.set_num_threads(1)
 
@@ -161,6 +161,27 @@ def test_bf16_autocast_and_channels_last_match_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf = model.activations(x)["layer4"]
     assert (bf.float() - ref).abs().mean() < 0.05 * ref.abs().mean()
+
+
+def test_group_norm_matches_torch_values_gradients_and_dtypes():
+    # model.GroupNorm (per-channel sums, a scale and a shift) computes nn.GroupNorm's function, float32 under autocast
+    torch.manual_seed(0)
+    ref = torch.nn.GroupNorm(8, 32, eps=1e-6)
+    torch.nn.init.normal_(ref.weight), torch.nn.init.normal_(ref.bias)
+    ours = GroupNorm(8, 32, eps=1e-6)
+    ours.load_state_dict(ref.state_dict())
+    x = (torch.randn(3, 32, 5, 7) * 3 + 1).to(memory_format=torch.channels_last)
+    g = torch.randn(3, 32, 5, 7)
+    grads = []
+    for norm in (ref, ours):
+        xi = x.clone().requires_grad_(True)
+        out = norm(xi)
+        (out * g).sum().backward()
+        grads.append((out.detach(), xi.grad))
+    assert torch.allclose(grads[1][0], grads[0][0], atol=1e-5) and torch.allclose(grads[1][1], grads[0][1], atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x.bfloat16())
+    assert y.dtype == torch.float32 and torch.allclose(y, ref(x.bfloat16().float()), atol=1e-5)
 
 
 @pytest.mark.parametrize("size,decoder", [(32, False), (32, True), (28, True)])

@@ -97,6 +97,12 @@ def test_minutes_ends_the_run_early_with_checkpoint_and_grid(fmnist, mae_ckpt, t
     assert os.path.exists(tmp_path / "grid_000001.png")
 
 
+def test_cooldown_decays_lr_linearly_over_the_last_steps(fmnist, mae_ckpt, tmp_path, capsys):
+    run_gen(fmnist, mae_ckpt, tmp_path, "--steps", "4", "--warmup", "1", "--lr", "1e-3", "--cooldown", "2")
+    lrs = [float(line.split("| lr ")[1].split()[0]) for line in capsys.readouterr().out.splitlines() if "| lr " in line]
+    assert lrs == [1e-3, 1e-3, 1e-3, 5e-4]
+
+
 def test_resume_is_exact(fmnist, mae_ckpt, tmp_path):
     # 4 steps straight equal 2 steps + resume + 2 steps, bit for bit (weights, EMA, queue)
     straight = run_gen(fmnist, mae_ckpt, tmp_path / "a", "--steps", "4", "--ckpt_every", "4")

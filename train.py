@@ -96,8 +96,10 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--minutes", type=float, default=0, help="stop at the first log step after this many minutes "
                    "of the training loop (0: no limit); the run then ends as at --steps (checkpoint, grid, FID)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (constant after warmup)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (constant after warmup, then --cooldown)")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps")
+    p.add_argument("--cooldown", type=int, default=0, help="linear decay to 0 over the last N of --steps (0: none, "
+                   "as the paper)")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (all parameters)")
     p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW betas")
     p.add_argument("--grad_clip", type=float, default=2.0, help="global grad-norm clip")
@@ -421,7 +423,7 @@ def main(argv=None):
     model.train()
     while step < args.steps:
         torch.manual_seed(step_seed(step, rank))  # masks, noise, posterior samples: a pure function of the step
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup), (args.steps - step) / max(1, args.cooldown))
         for group in opt.param_groups:
             group["lr"] = lr
         if gen_stage:
