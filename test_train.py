@@ -99,7 +99,7 @@ def test_minutes_ends_the_run_early_with_checkpoint_and_grid(fmnist, mae_ckpt, t
 
 def test_cooldown_decays_lr_linearly_over_the_last_steps(fmnist, mae_ckpt, tmp_path, capsys):
     run_gen(fmnist, mae_ckpt, tmp_path, "--steps", "4", "--warmup", "1", "--lr", "1e-3", "--cooldown", "2")
-    lrs = [float(line.split("| lr ")[1].split()[0]) for line in capsys.readouterr().out.splitlines() if "| lr " in line]
+    lrs = [float(ln.split("| lr ")[1].split()[0]) for ln in capsys.readouterr().out.splitlines() if "| lr " in ln]
     assert lrs == [1e-3, 1e-3, 1e-3, 5e-4]
 
 

@@ -96,7 +96,7 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--minutes", type=float, default=0, help="stop at the first log step after this many minutes "
                    "of the training loop (0: no limit); the run then ends as at --steps (checkpoint, grid, FID)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (constant after warmup, then --cooldown)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (constant from warmup to --cooldown)")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps")
     p.add_argument("--cooldown", type=int, default=0, help="linear decay to 0 over the last N of --steps (0: none, "
                    "as the paper)")
