@@ -344,7 +344,7 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x):
         B, C, G = x.shape[0], x.shape[1], self.num_groups
         xf, dims = x.float(), tuple(range(2, x.dim()))
-        n = x[0, 0].numel() * (C // G)  # elements per group
+        n = x.shape[2:].numel() * (C // G)  # elements per group
         mean = xf.sum(dims).view(B, G, -1).sum(-1) / n  # (B, G)
         var = ((xf * xf).sum(dims).view(B, G, -1).sum(-1) / n - mean * mean).clamp_min(0)
         scale = torch.rsqrt(var + self.eps).repeat_interleave(C // G, 1) * self.weight  # (B, C)
