@@ -75,7 +75,9 @@ def _drift_step(targets, w, seg, counts, Ng, Nn, temperatures, reduce, attractio
     """
     G, Nt, D = targets.shape
     S = counts.shape[0]
+    self_pair = torch.eye(Ng, Nt, device=targets.device)  # gen i against target i, itself
     dist = _cdist(targets[:, :Ng], targets, n=Ng)  # (G, Ng, Nt)
+    dist = torch.where(self_pair > 0, 1e-4, dist)  # the official's sqrt(1e-8) in exact arithmetic, not rounding
 
     # One scale per set: the weighted mean distance over its groups (and ranks, via reduce; one call for all sets).
     per_group = torch.stack([(dist.sum(1) * w).sum(-1) / (Ng * Nt), w.sum(-1) / Nt], dim=-1)  # (G, 2)
@@ -85,7 +87,6 @@ def _drift_step(targets, w, seg, counts, Ng, Nn, temperatures, reduce, attractio
     scale = stats[:, 0] / stats[:, 1]  # (S,)
     scale_in = (scale / math.sqrt(D)).clamp_min(1e-3)  # rescaled coordinates have mean distance sqrt(D)
     scale_dist = scale.clamp_min(1e-3)[seg, None, None]  # (G, 1, 1) temperatures are relative to the mean distance
-    self_pair = torch.eye(Ng, Nt, device=dist.device)  # gen i against target i, itself
     dist = dist + self_pair * (100.0 * scale_dist)  # the self pair: +100 after scaling
     inv_T = torch.tensor([-1.0 / T for T in temperatures]).to(dist.device, non_blocking=True)  # no stream sync
     logits = (dist / scale_dist)[:, None] * inv_T[:, None, None]  # (G, K, Ng, Nt)

@@ -180,6 +180,16 @@ def test_gradient_only_through_prediction():
     np.testing.assert_allclose(gen.grad.numpy(), expected, rtol=1e-3, atol=1e-7)
 
 
+def test_drift_loss_self_distance_exact():
+    # a sample's distance to itself enters the distance scale as the official's clamp, sqrt(1e-8), as in exact
+    # arithmetic: not as the square root of the matmul distance's rounding error (~1e-3 of a distance at D = 256)
+    for seed in range(5):
+        gen, pos = randn(4, 2, 256, seed=seed), randn(4, 1, 256, seed=seed + 10)
+        targets = torch.cat([gen, pos], 1).double()
+        dist = (gen.double()[:, :, None] - targets[:, None]).square().sum(-1).clamp_min(1e-8).sqrt()
+        assert abs(drift_loss(gen, pos)[1]["scale"].item() / dist.mean().item() - 1) < 1e-6
+
+
 def test_drift_loss_float32_under_bf16_autocast():
     # under bf16 autocast the loss is computed in float32 from the (bf16) inputs
     gen, pos, neg, *_ = loss_inputs()
