@@ -12,7 +12,9 @@ forward, drift_objective (encoder on the reals without autograd, on the generate
 sets; drift loss), backward, clip, fused AdamW, EMA. The inputs are synthetic: the queue draws and data
 fetches of train.py (small next to the step for on-GPU data) are not timed. MFU counts the model FLOPs
 train.py logs (generator 3x forward, encoder 2x forward on generated and 1x on real samples); the drift
-loss's matmuls are shown separately.
+loss's matmuls are shown separately. Each row also gives the host's time to issue the work ('host ms'): where it
+nears the row's time, launches, not the GPU, set the pace (the Fashion-MNIST step); --cudagraphs then tries
+torch.compile's CUDA graphs.
 """
 import argparse
 import os
@@ -39,6 +41,8 @@ parser.add_argument("--iters", type=int, default=10, help="timed iterations per 
 parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation)")
 parser.add_argument("--small", action="store_true", help="tiny models on the CPU, a smoke run")
 parser.add_argument("--no_compile", action="store_true")
+parser.add_argument("--cudagraphs", action="store_true", help="torch.compile mode='reduce-overhead' (CUDA graphs) "
+                    "for the generator, the encoder features and the drift step")
 parser.add_argument("--remat", type=int, nargs="?", const=True, default=0,
                     help="recompute all DiT blocks (or the first K) in the backward (train.py --remat [K])")
 parser.add_argument("--profile", action="store_true", help="profile 3 whole steps (the top kernels and ops) "
@@ -54,7 +58,8 @@ device = torch.device("cuda" if torch.cuda.is_available() and not args.small els
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 use_compile = device.type == "cuda" and not args.no_compile
-maybe_compile = (lambda f: torch.compile(f, dynamic=False)) if use_compile else (lambda f: f)
+mode = "reduce-overhead" if args.cudagraphs else None
+maybe_compile = (lambda f: torch.compile(f, dynamic=False, mode=mode)) if use_compile else (lambda f: f)
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 torch.manual_seed(0)
 
@@ -75,7 +80,7 @@ style = torch.randint(gen.style_vocab, (n_gen, gen.num_style_tokens), device=dev
 
 # As train.py: generator and encoder features compiled, the drift step compiled on its own (drift.compile_drift).
 if use_compile:
-    drift.compile_drift()
+    drift.compile_drift(mode)
 gen_c = maybe_compile(gen)
 features = maybe_compile(lambda x: encoder_features(enc, x, cnx))
 objective = lambda x, xr, a: drift_objective(  # noqa: E731
@@ -83,14 +88,21 @@ objective = lambda x, xr, a: drift_objective(  # noqa: E731
 
 
 def timed(fn):
+    """(seconds per call, host seconds per call): the host's time to issue a call, before the final sync."""
+    def call():
+        if args.cudagraphs:  # each call a new step: the graphs may reuse the last call's outputs' memory
+            torch.compiler.cudagraph_mark_step_begin()
+        fn()
     for _ in range(args.warmup):
-        fn()
+        call()
     sync()
-    start = time.perf_counter()
+    start, host = time.perf_counter(), 0.0
     for _ in range(args.iters):
-        fn()
+        t = time.perf_counter()
+        call()
+        host += time.perf_counter() - t
     sync()
-    return (time.perf_counter() - start) / args.iters
+    return (time.perf_counter() - start) / args.iters, host / args.iters
 
 
 def train_step():  # as train.py's loop body
@@ -123,9 +135,9 @@ def encoder_gen_fwd_bwd_to_input():
     sum(v.float().mean() for v in f.values()).backward()
 
 
-with torch.no_grad(), autocast:  # fixed features for the drift loss alone
-    f_gen = {k: v.float().unflatten(0, (nc, -1)).requires_grad_() for k, v in features(noise).items()}
-    f_real = {k: v.float().unflatten(0, (nc, -1)) for k, v in features(x_real).items()}
+with torch.no_grad(), autocast:  # fixed features for the drift loss alone (copies: CUDA graphs reuse their outputs)
+    f_gen = {k: v.float().unflatten(0, (nc, -1)).clone().requires_grad_() for k, v in features(noise).items()}
+    f_real = {k: v.float().unflatten(0, (nc, -1)).clone() for k, v in features(x_real).items()}
 f_pos = {k: v[:, :args.n_pos] for k, v in f_real.items()}
 f_unc = {k: v[:, args.n_pos:] for k, v in f_real.items()}
 w_unc = drift.cfg_weight(alpha, args.n_neg, args.n_unc)[:, None].expand(nc, args.n_unc)
@@ -159,12 +171,12 @@ phases = {"generator fwd+bwd (3x)": generator_fwd_bwd, "encoder on real, fwd": e
           "drift loss (not in MFU)": drift_loss_fwd_bwd, "optimizer + clip + EMA": optimizer_clip_ema}
 if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
-step_time = timed(train_step)
+step_time, step_host = timed(train_step)
 memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 peak = peak_flops(device)
 mfu = f"{100 * model_flops / step_time / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 dense" if peak else "n/a"
-print(f"whole step: {1e3 * step_time:.1f} ms, {n_gen / step_time:.0f} generated img/s per GPU | MFU {mfu} | "
-      f"peak memory {memory:.1f} GiB", flush=True)  # first, in case the per-phase timings run out of time
+print(f"whole step: {1e3 * step_time:.1f} ms (host {1e3 * step_host:.1f} ms), {n_gen / step_time:.0f} generated "
+      f"img/s per GPU | MFU {mfu} | peak memory {memory:.1f} GiB", flush=True)  # first: the parts may run out of time
 if args.profile:  # where a step's time goes: GPU kernels by total time, and the host time of the ops
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
@@ -178,14 +190,16 @@ if args.profile:  # where a step's time goes: GPU kernels by total time, and the
 # Then each part alone, a row printed as soon as it is timed (each part compiles graphs of its own first).
 name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
 extra = " + ConvNeXt-V2-B" if cnx is not None else ""
-print(f"{name}: {args.model} generator + MAE {args.encoder}{extra}, {nc} classes x ({args.n_neg} gen, {args.n_pos} pos, "
-      f"{args.n_unc} unc) = {n_gen} generated, {n_real} real samples; compile {use_compile}")
-print(f"{'part':40s} {'GFLOP':>10s} {'ms':>9s} {'TFLOP/s':>9s}", flush=True)
+print(f"{name}: {args.model} generator + MAE {args.encoder}{extra}, {nc} classes x ({args.n_neg} gen, "
+      f"{args.n_pos} pos, {args.n_unc} unc) = {n_gen} generated, {n_real} real samples; compile {use_compile}, "
+      f"CUDA graphs {args.cudagraphs}")
+print(f"{'part':40s} {'GFLOP':>10s} {'ms':>9s} {'TFLOP/s':>9s} {'host ms':>9s}", flush=True)
 times = {}
 for part, fn in phases.items():
-    t = times[part] = timed(fn)
-    f = flops.get(part, 0)
-    print(f"{part:40s} {f / 1e9:10.1f} {1e3 * t:9.2f} {f / t / 1e12:9.1f}", flush=True)
+    t, host = timed(fn)
+    times[part], f = t, flops.get(part, 0)
+    print(f"{part:40s} {f / 1e9:10.1f} {1e3 * t:9.2f} {f / t / 1e12:9.1f} {1e3 * host:9.2f}", flush=True)
 print(f"{'sum of parts':40s} {'':10s} {1e3 * sum(times.values()):9.2f}")
-print(f"{'whole step':40s} {model_flops / 1e9:10.1f} {1e3 * step_time:9.2f} {model_flops / step_time / 1e12:9.1f}")
+print(f"{'whole step':40s} {model_flops / 1e9:10.1f} {1e3 * step_time:9.2f} {model_flops / step_time / 1e12:9.1f} "
+      f"{1e3 * step_host:9.2f}")
 print(f"{n_gen / step_time:.0f} generated img/s per GPU | MFU {mfu} | peak memory {memory:.1f} GiB")

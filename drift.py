@@ -87,9 +87,8 @@ def _drift_step(targets, w, seg, counts, Ng, Nn, temperatures, reduce, attractio
     scale = stats[:, 0] / stats[:, 1]  # (S,)
     scale_in = (scale / math.sqrt(D)).clamp_min(1e-3)  # rescaled coordinates have mean distance sqrt(D)
     scale_dist = scale.clamp_min(1e-3)[seg, None, None]  # (G, 1, 1) temperatures are relative to the mean distance
-    dist = dist + self_pair * (100.0 * scale_dist)  # the self pair: +100 after scaling
-    inv_T = torch.tensor([-1.0 / T for T in temperatures]).to(dist.device, non_blocking=True)  # no stream sync
-    logits = (dist / scale_dist)[:, None] * inv_T[:, None, None]  # (G, K, Ng, Nt)
+    dist = dist / scale_dist + self_pair * 100.0  # the self pair: +100 after scaling
+    logits = torch.stack([dist * (-1.0 / T) for T in temperatures], dim=1)  # (G, K, Ng, Nt)
 
     if softmax == "both":  # clamped as the official sqrt(clip(product, 1e-6))
         A = _sqrt_softmax(logits).clamp_min_(1e-3)
@@ -161,12 +160,12 @@ def _frozen(sets, seg, counts, temperatures, reduce, attraction, repulsion, soft
 _frozen_fn = _frozen  # compile_drift() swaps in the compiled version
 
 
-def compile_drift():
+def compile_drift(mode=None):
     """Run the frozen part of the drift (targets, field, loss value and gradient) through torch.compile, one graph
-    per feature width (a dozen per training step), as train.py does on GPUs."""
+    per feature width (a dozen per training step), as train.py does on GPUs. mode: torch.compile's."""
     global _frozen_fn
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    _frozen_fn = torch.compile(_frozen, dynamic=False)
+    _frozen_fn = torch.compile(_frozen, dynamic=False, mode=mode)
 
 
 class _Regression(torch.autograd.Function):
