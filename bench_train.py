@@ -12,9 +12,9 @@ forward, drift_objective (encoder on the reals without autograd, on the generate
 sets; drift loss), backward, clip, fused AdamW, EMA. The inputs are synthetic: the queue draws and data
 fetches of train.py (small next to the step for on-GPU data) are not timed. MFU counts the model FLOPs
 train.py logs (generator 3x forward, encoder 2x forward on generated and 1x on real samples); the drift
-loss's matmuls are shown separately. Each row also gives the host's time to issue the work ('host ms'): where it
-nears the row's time, launches, not the GPU, set the pace (the Fashion-MNIST step); --cudagraphs then tries
-torch.compile's CUDA graphs.
+loss's matmuls are shown separately. Each row also gives the host's time to issue the work ('host ms'): well
+below the row's time, the GPU sets the pace; near it, either the host does or the GPU's launch queue is full and
+launches wait; --cudagraphs (torch.compile's CUDA graphs, which take the launches off the host) tells them apart.
 """
 import argparse
 import os
@@ -115,7 +115,8 @@ def train_step():  # as train.py's loop body
     torch._foreach_lerp_(ema, list(gen.parameters()), 0.001)
 
 
-def generator_fwd_bwd():
+def generator_fwd_bwd():  # each part clears the gradients it makes, as the step does (and CUDA graphs need)
+    gen.zero_grad(set_to_none=True)
     with autocast:
         x = gen_c(noise, labels, alpha_g, style)
     x.float().square().mean().backward()
@@ -130,6 +131,7 @@ x_in = torch.randn(n_gen, *shape, device=device, requires_grad=True)
 
 
 def encoder_gen_fwd_bwd_to_input():
+    x_in.grad = None
     with autocast:
         f = features(x_in)
     sum(v.float().mean() for v in f.values()).backward()
@@ -144,6 +146,8 @@ w_unc = drift.cfg_weight(alpha, args.n_neg, args.n_unc)[:, None].expand(nc, args
 
 
 def drift_loss_fwd_bwd():
+    for v in f_gen.values():
+        v.grad = None
     loss, _ = drift.feature_drift_loss(f_gen, f_pos, f_unc, w_unc)
     loss.backward()
 
