@@ -137,9 +137,10 @@ def encoder_gen_fwd_bwd_to_input():
     sum(v.float().mean() for v in f.values()).backward()
 
 
-with torch.no_grad(), autocast:  # fixed features for the drift loss alone (copies: CUDA graphs reuse their outputs)
-    f_gen = {k: v.float().unflatten(0, (nc, -1)).clone().requires_grad_() for k, v in features(noise).items()}
-    f_real = {k: v.float().unflatten(0, (nc, -1)).clone() for k, v in features(x_real).items()}
+own = (lambda t: t.clone()) if args.cudagraphs else (lambda t: t)  # CUDA graphs reuse their outputs' memory
+with torch.no_grad(), autocast:  # fixed features for the drift loss alone
+    f_gen = {k: own(v.float().unflatten(0, (nc, -1))).requires_grad_() for k, v in features(noise).items()}
+    f_real = {k: own(v.float().unflatten(0, (nc, -1))) for k, v in features(x_real).items()}
 f_pos = {k: v[:, :args.n_pos] for k, v in f_real.items()}
 f_unc = {k: v[:, args.n_pos:] for k, v in f_real.items()}
 w_unc = drift.cfg_weight(alpha, args.n_neg, args.n_unc)[:, None].expand(nc, args.n_unc)
