@@ -10,11 +10,19 @@ feature_drift_loss one drift_loss per feature name, classes x locations folded i
                    width batched into one computation that keeps each name's statistics apart.
 cfg_weight, sample_alpha   classifier-free guidance (Sec. 3.5, A.7) as the official train_step does it.
 
+On GPUs the kernel's coefficients (softmaxes, clamp, row sums) come from one Triton kernel, elsewhere from torch ops.
+
 `python drift.py` runs the 2D toy of Figures 3-4 on the CPU and writes toy.png.
 """
 import math
 
 import torch
+
+try:  # CUDA builds of torch ship Triton; elsewhere the chain runs as torch ops
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 TEMPERATURES = (0.02, 0.05, 0.2)
 
@@ -64,6 +72,121 @@ def _segment_sum(x, seg, n_seg):
     return x.new_zeros(n_seg, *x.shape[1:], dtype=torch.float64).index_add_(0, seg, x.double()).to(x.dtype)
 
 
+def _coefficients(dist, scale, w, Ng, Nn, temperatures, attraction, repulsion, softmax):
+    """
+    The kernel's coefficients C (G, K, Ng, Nt) from the distances dist (G, Ng, Nt) of gen to the targets
+    [gen | neg | pos], their weights w (G, Nt) and each group's distance scale (G,), so that each temperature's
+    force is C @ targets: C_pos = a A_pos rowsum(A_neg), C_neg = -b A_neg rowsum(A_pos).
+    """
+    self_pair = torch.eye(Ng, dist.shape[2], device=dist.device)
+    dist = dist / scale[:, None, None] + self_pair * 100.0  # the self pair: +100 after scaling
+    logits = torch.stack([dist * (-1.0 / T) for T in temperatures], dim=1)  # (G, K, Ng, Nt)
+    if softmax == "both":  # clamped as the official sqrt(clip(product, 1e-6))
+        A = _sqrt_softmax(logits).clamp_min_(1e-3)
+    else:  # Table 11 ablation "y only": the plain row softmax (the paper gives no clamp for it)
+        A = logits.softmax(-1)
+    del logits
+    A.mul_(w[:, None, None, :])  # weights enter after the sqrt
+    A_neg, A_pos = A[..., :Ng + Nn], A[..., Ng + Nn:]
+    sum_neg, sum_pos = A_neg.sum(-1, keepdim=True), A_pos.sum(-1, keepdim=True)  # (G, K, Ng, 1)
+    C = torch.cat([A_neg * (sum_pos * -repulsion), A_pos * (sum_neg * attraction)], dim=-1)
+    if attraction != repulsion:
+        # The official subtracts (row sum of coefficients) * x, making the force a sum of (y - x) terms. That row
+        # sum is (a - b) rowsum(A_pos) rowsum(A_neg): zero for the paper's a = b, else folded into the self pair's
+        # coefficient (x is one of the targets). Table 1's a V+ - b V- ablation.
+        C = C - self_pair * ((attraction - repulsion) * sum_pos * sum_neg)
+    return C
+
+
+def _coefficients_triton(dist, scale, w, Ng, Nn, temperatures, attraction, repulsion):
+    # _coefficients (softmax "both") as one Triton kernel: one read of the distances, one write of C, against the
+    # ~5 passes over (G, K, Ng, Nt) that torch.compile makes of the torch code (H200, ablation shape: 6.6 against
+    # 21.9 ms a call).
+    G, _, Nt = dist.shape
+    K, Np = len(temperatures), Nt - Ng - Nn
+    C = torch.empty(G, K, Ng, Nt, device=dist.device, dtype=torch.float32)
+    neg_inv_t = torch.tensor([-1.0 / T for T in temperatures], device=dist.device)
+    _coefficients_kernel[(G, K)](dist.contiguous(), 1.0 / scale, w.contiguous(), neg_inv_t, C, float(attraction),
+                                 float(repulsion), Ng, Nn, Np, triton.next_power_of_2(Ng),
+                                 triton.next_power_of_2(max(Nn, 1)), triton.next_power_of_2(Np), num_warps=4)
+    return C
+
+
+if triton is not None:
+    @triton.jit
+    def _logits_tile(base, col0, n, rows, inv_s, t, Ng: tl.constexpr, BC: tl.constexpr, SELF: tl.constexpr):
+        # One block of columns [col0, col0 + n) of a group's logits -dist / (scale T) (padding -1e30), the self
+        # pair +100 after scaling on the gen block's diagonal.
+        cols = tl.arange(0, BC)
+        valid = (rows < Ng)[:, None] & (cols < n)[None, :]
+        d = tl.load(base + col0 + cols[None, :], mask=valid, other=0.0) * inv_s
+        if SELF:
+            d += tl.where(rows[:, None] == cols[None, :], 100.0, 0.0)
+        return tl.where(valid, d * t, -1e30), valid, cols
+
+    @triton.jit
+    def _col_lse(L):
+        m = tl.max(L, 0)
+        return m + tl.log(tl.sum(tl.exp(L - m[None, :]), 0))
+
+    @triton.jit
+    def _kernel_tile(L, valid, half_r, half_c, w):
+        # sqrt(softmax over y * softmax over x) = exp(L - lse_row / 2 - lse_col / 2), clamped, times the weights
+        return tl.where(valid, tl.maximum(tl.exp(L - half_r[:, None] - half_c[None, :]), 1e-3), 0.0) * w[None, :]
+
+    @triton.jit
+    def _coefficients_kernel(dist_ptr, inv_scale_ptr, w_ptr, neg_inv_t_ptr, c_ptr, a, b, Ng: tl.constexpr,
+                             Nn: tl.constexpr, Np: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
+                             BP: tl.constexpr):
+        # One program per (group, temperature). The columns [gen | neg | pos] are three blocks, each padded to a
+        # power of 2 on its own (64 | 16 | 64 at the ablation shape: no padding), one block live at a time over
+        # three passes: logsumexps, row sums, coefficients.
+        g, k, K = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.num_programs(1)
+        Nt: tl.constexpr = Ng + Nn + Np
+        rows = tl.arange(0, BG)
+        base = dist_ptr + g * Ng * Nt + rows[:, None] * Nt
+        w_g = w_ptr + g * Nt
+        inv_s, t = tl.load(inv_scale_ptr + g), tl.load(neg_inv_t_ptr + k)
+        # pass 1: each block's column logsumexp, and the row logsumexp over all blocks (online)
+        L, v, c = _logits_tile(base, 0, Ng, rows, inv_s, t, Ng, BG, True)
+        hc_gen = 0.5 * _col_lse(L)
+        m = tl.max(L, 1)
+        s = tl.sum(tl.exp(L - m[:, None]), 1)
+        L, v, c = _logits_tile(base, Ng + Nn, Np, rows, inv_s, t, Ng, BP, False)
+        hc_pos = 0.5 * _col_lse(L)
+        m_new = tl.maximum(m, tl.max(L, 1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(L - m_new[:, None]), 1)
+        m = m_new
+        if Nn > 0:
+            L, v, c = _logits_tile(base, Ng, Nn, rows, inv_s, t, Ng, BN, False)
+            hc_neg = 0.5 * _col_lse(L)
+            m_new = tl.maximum(m, tl.max(L, 1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(L - m_new[:, None]), 1)
+            m = m_new
+        half_r = 0.5 * (m + tl.log(s))
+        # pass 2: row sums of the weighted kernel over the negatives [gen | neg] and over the positives
+        L, v, c = _logits_tile(base, 0, Ng, rows, inv_s, t, Ng, BG, True)
+        sum_neg = tl.sum(_kernel_tile(L, v, half_r, hc_gen, tl.load(w_g + c, mask=c < Ng, other=0.0)), 1)
+        L, v, c = _logits_tile(base, Ng + Nn, Np, rows, inv_s, t, Ng, BP, False)
+        sum_pos = tl.sum(_kernel_tile(L, v, half_r, hc_pos, tl.load(w_g + Ng + Nn + c, mask=c < Np, other=0.0)), 1)
+        if Nn > 0:
+            L, v, c = _logits_tile(base, Ng, Nn, rows, inv_s, t, Ng, BN, False)
+            sum_neg += tl.sum(_kernel_tile(L, v, half_r, hc_neg, tl.load(w_g + Ng + c, mask=c < Nn, other=0.0)), 1)
+        # pass 3: C = [-b A_neg sum_pos | a A_pos sum_neg], minus (a - b) sum_pos sum_neg on the self pair
+        out = c_ptr + (g * K + k) * Ng * Nt + rows[:, None] * Nt
+        L, v, c = _logits_tile(base, 0, Ng, rows, inv_s, t, Ng, BG, True)
+        A = _kernel_tile(L, v, half_r, hc_gen, tl.load(w_g + c, mask=c < Ng, other=0.0))
+        self_pair = tl.where(rows[:, None] == c[None, :], ((a - b) * sum_pos * sum_neg)[:, None], 0.0)
+        tl.store(out + c[None, :], A * (-b * sum_pos)[:, None] - self_pair, mask=v)
+        L, v, c = _logits_tile(base, Ng + Nn, Np, rows, inv_s, t, Ng, BP, False)
+        A = _kernel_tile(L, v, half_r, hc_pos, tl.load(w_g + Ng + Nn + c, mask=c < Np, other=0.0))
+        tl.store(out + Ng + Nn + c[None, :], A * (a * sum_neg)[:, None], mask=v)
+        if Nn > 0:
+            L, v, c = _logits_tile(base, Ng, Nn, rows, inv_s, t, Ng, BN, False)
+            A = _kernel_tile(L, v, half_r, hc_neg, tl.load(w_g + Ng + c, mask=c < Nn, other=0.0))
+            tl.store(out + Ng + c[None, :], A * (-b * sum_pos)[:, None], mask=v)
+
+
 def _drift_step(targets, w, seg, counts, Ng, Nn, temperatures, reduce, attraction, repulsion, softmax):
     """
     The frozen drift of drift_loss for several independent sets at once. targets (G, Nt, D) = [gen | neg | pos],
@@ -86,27 +209,11 @@ def _drift_step(targets, w, seg, counts, Ng, Nn, temperatures, reduce, attractio
         stats = reduce(stats)
     scale = stats[:, 0] / stats[:, 1]  # (S,)
     scale_in = (scale / math.sqrt(D)).clamp_min(1e-3)  # rescaled coordinates have mean distance sqrt(D)
-    scale_dist = scale.clamp_min(1e-3)[seg, None, None]  # (G, 1, 1) temperatures are relative to the mean distance
-    dist = dist / scale_dist + self_pair * 100.0  # the self pair: +100 after scaling
-    logits = torch.stack([dist * (-1.0 / T) for T in temperatures], dim=1)  # (G, K, Ng, Nt)
-
-    if softmax == "both":  # clamped as the official sqrt(clip(product, 1e-6))
-        A = _sqrt_softmax(logits).clamp_min_(1e-3)
-    else:  # Table 11 ablation "y only": the plain row softmax (the paper gives no clamp for it)
-        A = logits.softmax(-1)
-    del logits
-    A.mul_(w[:, None, None, :])  # weights enter after the sqrt
-    # Coefficients: C_pos = a A_pos * rowsum(A_neg) and -C_neg = -b A_neg * rowsum(A_pos), so that the force
-    # C_pos @ pos - C_neg @ [gen | neg] is one matmul with the targets.
-    A_neg, A_pos = A[..., :Ng + Nn], A[..., Ng + Nn:]
-    sum_neg, sum_pos = A_neg.sum(-1, keepdim=True), A_pos.sum(-1, keepdim=True)  # (G, K, Ng, 1)
-    C = torch.cat([A_neg * (sum_pos * -repulsion), A_pos * (sum_neg * attraction)], dim=-1)
-    del A, A_neg, A_pos
-    if attraction != repulsion:
-        # The official subtracts (row sum of coefficients) * x, making the force a sum of (y - x) terms. That row
-        # sum is (a - b) rowsum(A_pos) rowsum(A_neg): zero for the paper's a = b, else folded into the self pair's
-        # coefficient (x is one of the targets). Table 1's a V+ - b V- ablation.
-        C = C - self_pair * ((attraction - repulsion) * sum_pos * sum_neg)
+    scale_dist = scale.clamp_min(1e-3)[seg]  # (G,) temperatures are relative to the mean distance
+    if softmax == "both" and dist.is_cuda and triton is not None:
+        C = _coefficients_triton(dist, scale_dist, w, Ng, Nn, temperatures, attraction, repulsion)
+    else:
+        C = _coefficients(dist, scale_dist, w, Ng, Nn, temperatures, attraction, repulsion, softmax)
     K = C.shape[1]
     force = torch.bmm(C.view(G, K * Ng, Nt), targets).view(G, K, Ng, D)
 

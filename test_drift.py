@@ -2,6 +2,9 @@
 official formula, the feature sets, the CFG helpers and the 2D toy. CPU, seconds."""
 import itertools
 import math
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -358,6 +361,30 @@ def test_compiled_drift_step_equals_eager(monkeypatch):
     monkeypatch.setattr(drift, "_frozen_fn", drift._frozen_fn)  # restored after the test
     drift.compile_drift()
     torch.testing.assert_close(loss_and_grads(), eager, rtol=1e-5, atol=1e-6)
+
+
+TRITON_CHECK = """
+import torch, drift
+torch.manual_seed(0)
+for G, Ng, Nn, Np, a, b, temps in [(3, 8, 2, 6, 1.0, 1.0, (0.02, 0.05, 0.2)), (2, 5, 3, 7, 1.5, 1.0, (0.05,)),
+                                   (2, 6, 0, 5, 1.0, 1.0, (0.02, 0.2)), (2, 16, 4, 16, 1.0, 1.0, (0.02, 0.05, 0.2))]:
+    Nt = Ng + Nn + Np
+    dist = torch.rand(G, Ng, Nt) * 3 + torch.eye(Ng, Nt) * 1e-4
+    scale, w = torch.rand(G) + 0.5, torch.rand(G, Nt) * 3
+    C = drift._coefficients_triton(dist, scale, w, Ng, Nn, temps, a, b)
+    ref = drift._coefficients(dist, scale, w, Ng, Nn, temps, a, b, "both")
+    torch.testing.assert_close(C, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+print("ok")
+"""
+
+
+def test_triton_coefficients_equal_torch():
+    # The Triton kernel that computes the coefficients on GPUs equals the torch code that runs elsewhere (blocks
+    # padded to powers of 2, no unconditional negatives, a != b), run by Triton's CPU interpreter in a fresh
+    # process (TRITON_INTERPRET is read when the kernel is defined)
+    out = subprocess.run([sys.executable, "-c", TRITON_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 def two_rank_inputs():
