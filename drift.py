@@ -106,9 +106,10 @@ def _coefficients_triton(dist, scale, w, Ng, Nn, temperatures, attraction, repul
     K, Np = len(temperatures), Nt - Ng - Nn
     C = torch.empty(G, K, Ng, Nt, device=dist.device, dtype=torch.float32)
     neg_inv_t = torch.tensor([-1.0 / T for T in temperatures], device=dist.device)
+    p2 = triton.next_power_of_2
     _coefficients_kernel[(G, K)](dist.contiguous(), 1.0 / scale, w.contiguous(), neg_inv_t, C, float(attraction),
-                                 float(repulsion), Ng, Nn, Np, triton.next_power_of_2(Ng),
-                                 triton.next_power_of_2(max(Nn, 1)), triton.next_power_of_2(Np), num_warps=4)
+                                 float(repulsion), Ng=Ng, Nn=Nn, Np=Np, BG=p2(Ng), BN=p2(max(Nn, 1)), BP=p2(Np),
+                                 num_warps=4)
     return C
 
 
@@ -130,9 +131,14 @@ if triton is not None:
         return m + tl.log(tl.sum(tl.exp(L - m[None, :]), 0))
 
     @triton.jit
-    def _kernel_tile(L, valid, half_r, half_c, w):
-        # sqrt(softmax over y * softmax over x) = exp(L - lse_row / 2 - lse_col / 2), clamped, times the weights
-        return tl.where(valid, tl.maximum(tl.exp(L - half_r[:, None] - half_c[None, :]), 1e-3), 0.0) * w[None, :]
+    def _kernel_tile(base, w_g, col0, n, rows, inv_s, t, half_r, half_c, Ng: tl.constexpr, BC: tl.constexpr,
+                     SELF: tl.constexpr):
+        # The block's sqrt(softmax over y * softmax over x) = exp(L - lse_row / 2 - lse_col / 2), clamped as the
+        # official, times the targets' weights (padding 0); and the block's mask and columns
+        L, valid, cols = _logits_tile(base, col0, n, rows, inv_s, t, Ng, BC, SELF)
+        w = tl.load(w_g + col0 + cols, mask=cols < n, other=0.0)
+        A = tl.where(valid, tl.maximum(tl.exp(L - half_r[:, None] - half_c[None, :]), 1e-3), 0.0) * w[None, :]
+        return A, valid, cols
 
     @triton.jit
     def _coefficients_kernel(dist_ptr, inv_scale_ptr, w_ptr, neg_inv_t_ptr, c_ptr, a, b, Ng: tl.constexpr,
@@ -142,7 +148,7 @@ if triton is not None:
         # power of 2 on its own (64 | 16 | 64 at the ablation shape: no padding), one block live at a time over
         # three passes: logsumexps, row sums, coefficients.
         g, k, K = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.num_programs(1)
-        Nt: tl.constexpr = Ng + Nn + Np
+        Nt = Ng + Nn + Np
         rows = tl.arange(0, BG)
         base = dist_ptr + g * Ng * Nt + rows[:, None] * Nt
         w_g = w_ptr + g * Nt
@@ -165,25 +171,22 @@ if triton is not None:
             m = m_new
         half_r = 0.5 * (m + tl.log(s))
         # pass 2: row sums of the weighted kernel over the negatives [gen | neg] and over the positives
-        L, v, c = _logits_tile(base, 0, Ng, rows, inv_s, t, Ng, BG, True)
-        sum_neg = tl.sum(_kernel_tile(L, v, half_r, hc_gen, tl.load(w_g + c, mask=c < Ng, other=0.0)), 1)
-        L, v, c = _logits_tile(base, Ng + Nn, Np, rows, inv_s, t, Ng, BP, False)
-        sum_pos = tl.sum(_kernel_tile(L, v, half_r, hc_pos, tl.load(w_g + Ng + Nn + c, mask=c < Np, other=0.0)), 1)
+        A, v, c = _kernel_tile(base, w_g, 0, Ng, rows, inv_s, t, half_r, hc_gen, Ng, BG, True)
+        sum_neg = tl.sum(A, 1)
+        A, v, c = _kernel_tile(base, w_g, Ng + Nn, Np, rows, inv_s, t, half_r, hc_pos, Ng, BP, False)
+        sum_pos = tl.sum(A, 1)
         if Nn > 0:
-            L, v, c = _logits_tile(base, Ng, Nn, rows, inv_s, t, Ng, BN, False)
-            sum_neg += tl.sum(_kernel_tile(L, v, half_r, hc_neg, tl.load(w_g + Ng + c, mask=c < Nn, other=0.0)), 1)
+            A, v, c = _kernel_tile(base, w_g, Ng, Nn, rows, inv_s, t, half_r, hc_neg, Ng, BN, False)
+            sum_neg += tl.sum(A, 1)
         # pass 3: C = [-b A_neg sum_pos | a A_pos sum_neg], minus (a - b) sum_pos sum_neg on the self pair
         out = c_ptr + (g * K + k) * Ng * Nt + rows[:, None] * Nt
-        L, v, c = _logits_tile(base, 0, Ng, rows, inv_s, t, Ng, BG, True)
-        A = _kernel_tile(L, v, half_r, hc_gen, tl.load(w_g + c, mask=c < Ng, other=0.0))
+        A, v, c = _kernel_tile(base, w_g, 0, Ng, rows, inv_s, t, half_r, hc_gen, Ng, BG, True)
         self_pair = tl.where(rows[:, None] == c[None, :], ((a - b) * sum_pos * sum_neg)[:, None], 0.0)
         tl.store(out + c[None, :], A * (-b * sum_pos)[:, None] - self_pair, mask=v)
-        L, v, c = _logits_tile(base, Ng + Nn, Np, rows, inv_s, t, Ng, BP, False)
-        A = _kernel_tile(L, v, half_r, hc_pos, tl.load(w_g + Ng + Nn + c, mask=c < Np, other=0.0))
+        A, v, c = _kernel_tile(base, w_g, Ng + Nn, Np, rows, inv_s, t, half_r, hc_pos, Ng, BP, False)
         tl.store(out + Ng + Nn + c[None, :], A * (a * sum_neg)[:, None], mask=v)
         if Nn > 0:
-            L, v, c = _logits_tile(base, Ng, Nn, rows, inv_s, t, Ng, BN, False)
-            A = _kernel_tile(L, v, half_r, hc_neg, tl.load(w_g + Ng + c, mask=c < Nn, other=0.0))
+            A, v, c = _kernel_tile(base, w_g, Ng, Nn, rows, inv_s, t, half_r, hc_neg, Ng, BN, False)
             tl.store(out + Ng + c[None, :], A * (-b * sum_pos)[:, None], mask=v)
 
 
