@@ -105,7 +105,7 @@ def _coefficients_triton(dist, scale, w, Ng, Nn, temperatures, attraction, repul
     G, _, Nt = dist.shape
     K, Np = len(temperatures), Nt - Ng - Nn
     C = torch.empty(G, K, Ng, Nt, device=dist.device, dtype=torch.float32)
-    neg_inv_t = torch.tensor([-1.0 / T for T in temperatures], device=dist.device)
+    neg_inv_t = torch.tensor([-1.0 / T for T in temperatures]).to(dist.device, non_blocking=True)  # no stream sync
     p2 = triton.next_power_of_2
     BG, BN, BP = p2(Ng), p2(max(Nn, 1)), p2(Np)
     # 4 warps for 64 x 64 tiles (timed: 2 and 8 were slower); larger tiles keep its 32 floats a thread (not timed)
@@ -131,6 +131,12 @@ if triton is not None:
     def _col_lse(L):
         m = tl.max(L, 0)
         return m + tl.log(tl.sum(tl.exp(L - m[None, :]), 0))
+
+    @triton.jit
+    def _online_lse(m, s, L):
+        # The running row max m and sum s of exp(L - m) over the blocks so far, updated with the block L
+        m_new = tl.maximum(m, tl.max(L, 1))
+        return m_new, s * tl.exp(m - m_new) + tl.sum(tl.exp(L - m_new[:, None]), 1)
 
     @triton.jit
     def _kernel_tile(base, w_g, col0, n, rows, inv_s, t, half_r, half_c, Ng: tl.constexpr, BC: tl.constexpr,
@@ -162,15 +168,11 @@ if triton is not None:
         s = tl.sum(tl.exp(L - m[:, None]), 1)
         L, v, c = _logits_tile(base, Ng + Nn, Np, rows, inv_s, t, Ng, BP, False)
         hc_pos = 0.5 * _col_lse(L)
-        m_new = tl.maximum(m, tl.max(L, 1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(L - m_new[:, None]), 1)
-        m = m_new
+        m, s = _online_lse(m, s, L)
         if Nn > 0:
             L, v, c = _logits_tile(base, Ng, Nn, rows, inv_s, t, Ng, BN, False)
             hc_neg = 0.5 * _col_lse(L)
-            m_new = tl.maximum(m, tl.max(L, 1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(L - m_new[:, None]), 1)
-            m = m_new
+            m, s = _online_lse(m, s, L)
         half_r = 0.5 * (m + tl.log(s))
         # pass 2: row sums of the weighted kernel over the negatives [gen | neg] and over the positives
         A, v, c = _kernel_tile(base, w_g, 0, Ng, rows, inv_s, t, half_r, hc_gen, Ng, BG, True)
