@@ -36,13 +36,15 @@ def sincos_pos_embed_2d(dim, grid):
     return np.concatenate([one_axis(dim // 2, cols.reshape(-1)), one_axis(dim // 2, rows.reshape(-1))], axis=1)
 
 
-def rope_tables(seq_len, head_dim):
-    """cos/sin tables (T, 1, head_dim) of 1-D rotary embedding over the whole sequence (registers included)."""
+def rope_tables(seq_len, head_dim, dtype=torch.float32):
+    """cos/sin tables (T, 1, head_dim) of 1-D rotary embedding over the whole sequence (registers included), float32.
+    dtype bfloat16: positions, frequencies, angles and cos/sin each rounded to bf16, as the official builds them for
+    its attn_fp32=False models (the released latent B/2 and L/2): positions from 256 on round to even numbers."""
     half = head_dim // 2
-    inv_freq = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float32) / half)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    inv_freq = (1.0 / 10000 ** (torch.arange(half, dtype=torch.float32) / half)).to(dtype)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32).to(dtype), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (T, 1, hd), broadcast over heads
-    return angles.cos(), angles.sin()
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x, cos, sin):
@@ -173,7 +175,7 @@ class DiT(nn.Module):
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, num_classes=1000, num_register_tokens=16, num_style_tokens=32, style_vocab=64,
-                 cond_dim=None, remat=0):
+                 cond_dim=None, remat=0, rope_bf16=False):
         super().__init__()
         if input_size % patch_size or hidden_size % num_heads or (hidden_size // num_heads) % 2:
             raise ValueError(f"need input_size divisible by patch_size and hidden_size by num_heads into an even "
@@ -204,7 +206,9 @@ class DiT(nn.Module):
         self.remat = depth if remat is True else int(remat)
         # RoPE's cos/sin over the whole sequence, computed once: traced from scratch, torch.compile recomputes the
         # trigonometry for every element of q and k (B/2 at batch 512 on an H100: 10 of 89 ms of fused kernels).
-        rope = rope_tables(num_register_tokens + self.grid ** 2, hidden_size // num_heads)
+        # rope_bf16: the official's bf16 tables (rope_tables), for its models built with attn_fp32=False
+        rope = rope_tables(num_register_tokens + self.grid ** 2, hidden_size // num_heads,
+                           torch.bfloat16 if rope_bf16 else torch.float32)
         self.register_buffer("rope_cos", rope[0], persistent=False)
         self.register_buffer("rope_sin", rope[1], persistent=False)
         self.initialize_weights()

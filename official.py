@@ -165,7 +165,8 @@ def dit_from_official(metadata, params):
                 mlp_ratio=cfg.get("mlp_ratio", 4.0), num_classes=cfg.get("num_classes", 1001) - 1,
                 num_register_tokens=cfg["n_cls_tokens"], cond_dim=cfg["cond_dim"],
                 num_style_tokens=cfg["noise_coords"] if cfg["noise_classes"] else 0,
-                style_vocab=max(cfg["noise_classes"], 1))  # noise_classes 0: the no-style ablation
+                style_vocab=max(cfg["noise_classes"], 1),  # noise_classes 0: the no-style ablation
+                rope_bf16=cfg.get("use_bf16", False) and not cfg.get("attn_fp32", True))  # its RoPE in bf16
     names = _official_names(model)
     wanted = {key for _, keys, _ in names for key in keys}
     missing, unexpected = sorted(wanted - params.keys()), sorted(params.keys() - wanted)

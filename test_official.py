@@ -13,6 +13,7 @@ import torch
 import official
 import sample
 import train
+from model import rope_tables
 from official import load_official, mae_from_official, read_msgpack
 from test_model import run
 
@@ -211,13 +212,32 @@ OFFICIAL_OUTPUTS = {
                                                                   patch_size=16))])
 def test_matches_official_jax_forward(tmp_path, name, extra):
     # same params and inputs as the official JAX generator give the same sample (float32)
-    cfg = {**OFFICIAL_CFG, **extra}
+    cfg = {**OFFICIAL_CFG, "use_bf16": False, **extra}  # as the float32 JAX run
     model = load_official(write_artifact(tmp_path / name, official_tree(cfg, np.random.default_rng(0)), cfg))
     noise, labels, alpha, style = (torch.from_numpy(a) for a in golden_inputs(cfg))
     with torch.no_grad():
         out = model(noise, labels, alpha, style).reshape(-1)
     expected = torch.tensor(OFFICIAL_OUTPUTS[name])
     assert torch.allclose(out[::len(out) // 16][:16], expected, rtol=1e-4, atol=1e-5)
+
+
+# (token, channel): (cos, sin) of the official apply_rope's tables in bf16 (272 tokens, head size 64), computed
+# once with jax 0.10.2 outside this repo
+JAX_BF16_ROPE = {(257, 5): (-0.48828125, -0.87109375), (271, 1): (-0.98046875, 0.20214844),
+                 (100, 0): (0.86328125, -0.5078125), (261, 3): (-0.8984375, 0.43945312)}
+
+
+def test_bf16_rope_tables_of_attn_fp32_false_models(tmp_path):
+    # the official builds RoPE's tables in bf16 for its use_bf16 models with attn_fp32=False (the released latent
+    # B/2 and L/2): ours equal JAX's, tokens 256 and 257 share a position, and the loader picks them from metadata
+    cos, sin = (t[:, 0] for t in rope_tables(272, 64, torch.bfloat16))
+    assert torch.equal(cos[257], cos[256]) and not torch.equal(cos[256], cos[255])
+    assert all(abs(cos[i, j] - c) < 1e-7 and abs(sin[i, j] - s) < 1e-7 for (i, j), (c, s) in JAX_BF16_ROPE.items())
+    for attn_fp32, dtype in ((False, torch.bfloat16), (True, torch.float32)):
+        cfg = {**OFFICIAL_CFG, "attn_fp32": attn_fp32}
+        tree = official_tree(cfg, np.random.default_rng(0))
+        dit = load_official(write_artifact(tmp_path / str(attn_fp32), tree, cfg))
+        assert torch.equal(dit.rope_cos, rope_tables(32, 32, dtype)[0])
 
 
 def test_official_pixel_generator_samples_through_sample_py(tmp_path):

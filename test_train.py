@@ -12,6 +12,7 @@ import torch
 import train
 from convnext import ConvNeXtV2
 from model import DiT_models
+from vae import AutoencoderKL
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_GEN = ["--stage", "gen", "--dataset", "fmnist", "--model", "T/2", "--nc", "2", "--n_pos", "4", "--n_neg", "4",
@@ -97,6 +98,12 @@ def test_minutes_ends_the_run_early_with_checkpoint_and_grid(fmnist, mae_ckpt, t
     assert os.path.exists(tmp_path / "grid_000001.png")
 
 
+def test_minutes_says_when_the_mae_stops_before_its_fine_tune(fmnist, tmp_path, capsys):
+    train.main(["--stage", "mae", "--dataset", "fmnist", "--data", fmnist, "--model", "tiny", "--steps", "50",
+                "--batch_size", "8", "--cls_steps", "10", "--minutes", "0.0001", "--out", str(tmp_path)])
+    assert "without the classification fine-tune (from step 40)" in capsys.readouterr().out
+
+
 def test_cooldown_decays_lr_linearly_over_the_last_steps(fmnist, mae_ckpt, tmp_path, capsys):
     run_gen(fmnist, mae_ckpt, tmp_path, "--steps", "4", "--warmup", "1", "--lr", "1e-3", "--cooldown", "2")
     lrs = [float(ln.split("| lr ")[1].split()[0]) for ln in capsys.readouterr().out.splitlines() if "| lr " in ln]
@@ -132,6 +139,27 @@ def test_latent_cache_trains(tmp_path):
     model = train.main([*TINY_GEN, "--dataset", "imagenet", "--data", str(tmp_path), "--encoder", "none",
                         "--out", str(tmp_path / "run"), "--steps", "1"])
     assert model.in_channels == 4 and all(p.isfinite().all() for p in model.parameters())
+
+
+def test_latent_mae_encodes_crops_of_the_images(tmp_path, monkeypatch):
+    # SPEC 4 (the official latent MAE configs: use_aug, no cache): the MAE on latents sees SD-VAE latents of random
+    # crops of the images (a small random VAE here); without the pixel cache, one clear error, and
+    # --crop_min 1 trains on the cached latents alone
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "train_moments.npy", rng.standard_normal((8, 2, 2, 4, 32, 32)).astype(np.float16))
+    np.save(tmp_path / "train_labels.npy", np.arange(8) % 2)
+    mae = ["--stage", "mae", "--dataset", "imagenet", "--data", str(tmp_path), "--model", "tiny", "--steps", "1",
+           "--batch_size", "4", "--out", str(tmp_path / "mae")]
+    with pytest.raises(ValueError, match="prepare_imagenet.py --pixels"):
+        train.main(mae)
+    train.main([*mae, "--crop_min", "1"])
+    np.save(tmp_path / "train_pixels.npy", rng.integers(0, 256, (8, 256, 256, 3), dtype=np.uint8))
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+    seen = []
+    monkeypatch.setattr(vae, "encode", lambda x: seen.append(x.shape) or AutoencoderKL.encode(vae, x))
+    monkeypatch.setattr(train, "load_vae", lambda path: vae)
+    model = train.main([*mae, "--out", str(tmp_path / "mae_crops")])
+    assert seen == [(4, 3, 256, 256)] and all(p.isfinite().all() for p in model.parameters())
 
 
 def test_pixel_run_with_convnext_trains(tmp_path, monkeypatch):

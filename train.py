@@ -41,7 +41,7 @@ from data import Data, SampleQueue, Stream, download_fmnist, random_resized_crop
 from model import DiT_models, MAE_models
 from official import load_official
 from sample import generate, make_grid, save_png
-from vae import load_vae
+from vae import load_vae, sample_latents
 
 # Table 8, ablation column. The MAE stage follows configs/mae/latent_ablation_256.yaml (192 epochs of 8192).
 STAGE_DEFAULTS = {
@@ -123,7 +123,8 @@ def get_args(argv=None):
     # MAE stage
     p.add_argument("--batch_size", type=int, default=8192, help="mae: global batch")
     p.add_argument("--mask_ratio", type=float, default=0.5, help="mae: share of 2x2 patches hidden")
-    p.add_argument("--crop_min", type=float, default=0.2, help="mae: RandomResizedCrop min area (pixel data)")
+    p.add_argument("--crop_min", type=float, default=0.2,
+                   help="mae: RandomResizedCrop min area (1: no crop); latents: of the image, then encoded")
     p.add_argument("--cls_steps", type=int, default=0, help="mae: classification fine-tune over the last N steps")
     p.add_argument("--cls_warmup", type=int, default=1000, help="mae: steps to ramp lambda_cls from 0")
     p.add_argument("--lambda_cls", type=float, default=0.1, help="mae: final weight of the classification loss")
@@ -138,7 +139,8 @@ def get_args(argv=None):
     p.add_argument("--fid_alphas", type=float, nargs="+", default=None, help="gen: CFG scales of the final FID "
                    "(default: --alpha)")
     p.add_argument("--fid_weights", default=None, help="Inception weights for fid.load_inception (default: cached)")
-    p.add_argument("--vae", default="mse", help="vae.load_vae argument, to decode latent grids and FID samples")
+    p.add_argument("--vae", default="mse",
+                   help="vae.load_vae argument: decodes latent grids and FID samples, encodes the latent MAE's crops")
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile (used by default on GPU)")
     p.add_argument("--remat", type=int, nargs="?", const=True, default=0, help="gen: recompute every DiT block "
                    "(--remat) or the first K (--remat K) in the backward (official use_remat), one more block forward "
@@ -268,6 +270,16 @@ def main(argv=None):
         download_fmnist(args.data)
     barrier()
     data = Data(args.dataset, args.data, "train", device)
+    pixels = None  # the latent MAE's crops: of the image, then SD-VAE encoded (SPEC 4; official: use_aug, no cache)
+    if not gen_stage and args.dataset == "imagenet" and args.crop_min < 1:
+        if not os.path.exists(os.path.join(args.data, "train_pixels.npy")):
+            raise ValueError(f"{args.data}: the latent MAE crops the images before the SD-VAE, which needs the crops "
+                             "of prepare_imagenet.py --pixels there too (or --crop_min 1: the cached latents only)")
+        pixels, vae = Data("imagenet_pixels", args.data, "train", device), load_vae(args.vae).to(device)
+        side = pixels.shape[-1] // 2 ** (len(vae.encoder.down_blocks) - 1)
+        if len(pixels) != len(data) or (vae.post_quant_conv.in_channels, side, side) != data.shape:
+            raise ValueError(f"{args.data}: {len(pixels)} crops encode to {vae.post_quant_conv.in_channels}x{side}x"
+                             f"{side} latents, the cache holds {len(data)} of {'x'.join(map(str, data.shape))}")
     stream = Stream(len(data), args.seed, data.flip)
     qdev = data.labels.device  # queues and draws live where the labels do (GPU for small sets)
     # recorded in the checkpoint so sample.py and --encoder can rebuild the model
@@ -308,6 +320,8 @@ def main(argv=None):
         if args.model not in MAE_models:
             raise ValueError(f"--model must be one of {list(MAE_models)} for --stage mae, got {args.model}")
         # the ResNet always runs on a 32x32 grid: 256x256 pixels are patchified 8x8 first (SPEC 4)
+        if args.input_size % 32:
+            raise ValueError(f"the MAE needs images of a multiple of 32 a side, got {'x'.join(map(str, data.shape))}")
         raw_model = MAE_models[args.model](in_channels=args.in_channels, num_classes=args.num_classes,
                                            input_patch_size=args.input_size // 32).to(device)
         flops_per_step = 3 * args.batch_size * raw_model.flops_per_sample(args.input_size, with_decoder=True)
@@ -453,9 +467,12 @@ def main(argv=None):
         else:
             ids = stream.take(cursor, args.batch_size)[rank::world].to(qdev)
             cursor += args.batch_size
-            x, labels = data.fetch(ids), data.labels[ids // 2].to(device)
-            if args.crop_min < 1 and args.dataset != "imagenet":  # latents: flips and posterior samples only
-                x = random_resized_crop(x, args.crop_min)
+            labels = data.labels[ids // 2].to(device)
+            if pixels is not None:  # float32 (TF32) as the cache was made; bf16 was only 10% faster (README)
+                x = sample_latents(vae, random_resized_crop(pixels.fetch(ids), args.crop_min))
+            else:
+                x = data.fetch(ids)
+                x = random_resized_crop(x, args.crop_min) if args.crop_min < 1 else x
             ft_step = step - (args.steps - args.cls_steps)
             lambda_cls = args.lambda_cls * min(1.0, ft_step / max(1, args.cls_warmup)) if ft_step >= 0 else 0.0
             with autocast:  # a tensor lambda: a changing Python float would recompile
@@ -485,7 +502,10 @@ def main(argv=None):
             values = mean_over_ranks(torch.stack([loss.detach().float(), grad_norm.float(), *drift_T, *extra,
                                                   torch.tensor(out_of_time, device=device)])).tolist()
             if values.pop() > 0 and step < args.steps:
-                print0(f"--minutes {args.minutes:g} reached: stopping at step {step}")
+                ft_start = args.steps - args.cls_steps
+                skipped = not gen_stage and args.cls_steps and step <= ft_start  # the MAE's fine-tune never ran
+                print0(f"--minutes {args.minutes:g} reached: stopping at step {step}"
+                       + (f", without the classification fine-tune (from step {ft_start})" if skipped else ""))
                 args.steps = step
             line = f"step {step:6d} | loss {values[0]:.4f} | "
             if gen_stage:

@@ -158,6 +158,17 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
+@torch.no_grad()
+def sample_latents(vae, x, chunk=64):
+    """Images x (B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8) times SCALE, one posterior sample each, as
+    training draws them from prepare_imagenet.py's cache; encoded `chunk` images at a time (bounded memory)."""
+    out = []
+    for part in x.split(chunk):
+        mean, logvar = vae.encode(part.float())
+        out.append((mean + (0.5 * logvar).exp() * torch.randn_like(mean)) * SCALE)
+    return torch.cat(out)
+
+
 # ----------------------------------------------------------------------------- loading
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32}
