@@ -1,5 +1,6 @@
 """Tests of drift.py: closed-form facts of the field, the loss against a float64 re-implementation of the
-official formula, the feature sets, the CFG helpers and the 2D toy. CPU, seconds."""
+official formula and against the official JAX code's values, the feature sets, the CFG helpers and the 2D toy.
+CPU, seconds."""
 import itertools
 import math
 import os
@@ -153,6 +154,48 @@ def test_drift_loss_ablations_match_formula(a, b, softmax):
     loss, _ = drift_loss(gen, pos, neg, w_gen, w_pos, w_neg, attraction=a, repulsion=b, softmax=softmax)
     ref_loss = reference_drift_loss(gen, pos, neg, w_gen, w_pos, w_neg, (0.02, 0.05, 0.2), a, b, softmax)[0]
     np.testing.assert_allclose(loss.numpy(), ref_loss, rtol=1e-4)
+
+
+# The official drift_loss.py with train.py's feature_loss around it (JAX, float32, matmuls at "highest"), run once
+# outside this repo (jax 0.10.2) on official_feature_inputs(): the total loss, and per feature set 4 entries of its
+# gradient (flat index: value) and the gradient's largest magnitude
+OFFICIAL_FEATURE_LOSS = 39.565853118896484
+OFFICIAL_FEATURE_GRADS = {
+    "global": ({0: 3.494833e-4, 383: -1.739417e-4, 767: 1.126798e-3, 1151: 2.565039e-3}, 9.457714e-3),
+    "norm_x": ({0: -3.870813e-3, 31: -1.553147e-3, 63: -5.800566e-3, 95: -9.874161e-3}, 5.501255e-2),
+    "conv1": ({0: -5.139049e-5, 1023: 1.984741e-5, 2047: -9.834383e-5, 3071: 1.041358e-4}, 6.160973e-3),
+    "conv1_mean": ({0: 9.231542e-4, 63: -1.837283e-3, 127: 9.676018e-4, 191: -7.597069e-3}, 3.980064e-2),
+    "layer2_std_2": ({0: 3.111552e-5, 511: 6.254522e-5, 1023: -4.558605e-4, 1535: 1.958745e-4}, 7.389413e-3),
+    "x_mean_4": ({0: 9.152529e-5, 127: -2.10174e-3, 255: -2.976398e-3, 383: 9.64052e-3}, 1.885435e-2),
+}
+
+
+def official_feature_inputs(Nc=3, Ng=8, Np=6, Nu=4):
+    # 6 feature sets of 1-16 locations and widths 4-48, far from the origin, as (B, L, C) per set
+    rng = np.random.default_rng(0)
+    sizes = {"global": (1, 48), "norm_x": (1, 4), "conv1": (16, 8), "conv1_mean": (1, 8), "layer2_std_2": (4, 16),
+             "x_mean_4": (1, 16)}
+    gen = {k: (rng.normal(size=(Nc * Ng, L, C)) * 3 + 5).astype(np.float32) for k, (L, C) in sizes.items()}
+    real = {k: (rng.normal(size=(Nc * (Np + Nu), L, C)) * 3 + 5.5).astype(np.float32) for k, (L, C) in sizes.items()}
+    return gen, real
+
+
+def test_feature_drift_loss_matches_official_jax():
+    # classes with CFG scales 1, 1.7, 3.2 drawing 8 generated, 6 positive and 4 unconditional samples, as train.py
+    # feeds them: the loss and its gradient equal the official code's
+    Nc, Ng, Np, Nu = 3, 8, 6, 4
+    gen, real = official_feature_inputs(Nc, Ng, Np, Nu)
+    gen = {k: torch.from_numpy(v).requires_grad_() for k, v in gen.items()}
+    real = {k: torch.from_numpy(v).unflatten(0, (Nc, -1)) for k, v in real.items()}
+    w = cfg_weight(torch.tensor([1.0, 1.7, 3.2]), Ng, Nu)[:, None].expand(Nc, Nu)
+    loss, _ = feature_drift_loss({k: v.unflatten(0, (Nc, -1)) for k, v in gen.items()},
+                                 {k: v[:, :Np] for k, v in real.items()}, {k: v[:, Np:] for k, v in real.items()}, w)
+    loss.backward()
+    assert abs(loss.item() / OFFICIAL_FEATURE_LOSS - 1) < 1e-5
+    for name, (entries, largest) in OFFICIAL_FEATURE_GRADS.items():
+        grad = gen[name].grad.flatten()
+        assert abs(grad.abs().max().item() / largest - 1) < 1e-4
+        assert all(abs(grad[i].item() - v) < 1e-4 * largest for i, v in entries.items()), name
 
 
 def test_drift_loss_without_negatives_matches_official_formula():
