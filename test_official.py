@@ -13,6 +13,7 @@ import torch
 import official
 import sample
 import train
+from drift import feature_sets
 from model import rope_tables
 from official import load_official, mae_from_official, read_msgpack
 from test_model import run
@@ -301,6 +302,38 @@ def test_mae_from_official_maps_every_tensor():
     assert torch.equal(model.fc.weight, torch.tensor(p["fc"]["kernel"].T))
     assert torch.equal(model.encoder.norms[3].weight, torch.tensor(p["encoder"]["layer4_norm"]["scale"]))
     assert len(official.flatten(tree)) == len(model.state_dict())
+
+
+# Entries (flat index: value) and the largest magnitude of 6 of the 50 feature sets that the official MAEResNetJAX's
+# get_activations returns (float32, matmuls at "highest") for official_mae_tree(3, 32, (1, 2, 1, 2), 2, 7) with
+# kernels divided by sqrt(fan-in) and the input of test_mae_features_match_official_jax, computed once with jax
+# 0.10.2 outside this repo
+OFFICIAL_MAE_FEATURES = {
+    "norm_x": ({0: 1.032985, 11: 0.9848966, 23: 0.983923}, 1.032985),
+    "conv1": ({0: 0.3300933, 32767: 0.0, 65535: 0.1134486}, 6.830587),
+    "layer1_mean_2": ({0: -0.1733249, 8191: 0.467084, 16383: 0.1865541}, 7.152744),
+    "layer2_blk2_std": ({0: 0.2880183, 63: 1.474017, 127: 1.485837}, 2.294425),
+    "layer3_std_4": ({0: 0.0220653, 511: 0.02181442, 1023: 0.001}, 4.8703),
+    "layer4": ({0: 0.9269336, 4095: 0.7012737, 8191: 0.7168779}, 7.369352),
+}
+
+
+def test_mae_features_match_official_jax():
+    # an official pixel MAE (2x2 input patchify) mapped in: its 50 feature sets (drift.feature_sets of our maps) are
+    # the official get_activations' names and values
+    def fan_in_scaled(t):
+        return {k: fan_in_scaled(v) if isinstance(v, dict) else v / np.sqrt(np.prod(v.shape[:-1])) if k == "kernel"
+                else v for k, v in t.items()}
+    mae = mae_from_official(MAE_META, fan_in_scaled(official_mae_tree(3, 32, (1, 2, 1, 2), 2, 7))).eval()
+    x = np.random.default_rng(3).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    x = torch.from_numpy(x).permute(0, 3, 1, 2)  # NHWC as the official takes it -> NCHW
+    with torch.no_grad():
+        sets = feature_sets(mae.activations(x), mae.input_patchified(x))
+    assert len(sets) == 50
+    for name, (entries, largest) in OFFICIAL_MAE_FEATURES.items():
+        got = sets[name].flatten()
+        assert abs(got.abs().max().item() / largest - 1) < 1e-5
+        assert all(abs(got[i].item() - v) < 1e-5 * largest for i, v in entries.items()), name
 
 
 def test_mae_from_official_rejects_missing_and_unmapped_keys():
