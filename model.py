@@ -257,8 +257,10 @@ class DiT(nn.Module):
             raise ValueError(f"expected noise (B, {', '.join(map(str, expected))}) and style_idx "
                              f"(B, {self.num_style_tokens}), got {tuple(noise.shape)} and {tuple(style_idx.shape)}")
         alpha = torch.as_tensor(alpha, dtype=torch.float32, device=noise.device).expand(B)
-        offsets = torch.arange(self.num_style_tokens, device=style_idx.device) * self.style_vocab
-        c = (self.class_embed(labels) + self.style_embed(style_idx + offsets).sum(1)
+        # token i's index picks a row of codebook i (an index past style_vocab is an IndexError, not the next book)
+        books = self.style_embed.weight.view(self.num_style_tokens, self.style_vocab, -1)
+        styles = books[torch.arange(self.num_style_tokens, device=style_idx.device), style_idx]  # (B, S, Dc)
+        c = (self.class_embed(labels) + styles.sum(1)
              + 0.02 * self.alpha_embed(alpha))  # (B, Dc); the official 0.02, the embeddings' init std
 
         x = self.x_embedder(self.patchify(noise)) + self.pos_embed  # (B, N, D)

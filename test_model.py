@@ -131,6 +131,15 @@ def test_style_indices_change_the_sample():
     assert not torch.allclose(a, b)
 
 
+def test_style_index_past_its_codebook_raises():
+    # token 0's index 64 is out of its 64-row codebook (one table holds all 32): an error, not token 1's row 0
+    model = tiny()
+    noise, style = model.draw_inputs([0])
+    style[0, 0] = model.style_vocab
+    with pytest.raises(IndexError):
+        model(noise, torch.tensor([1]), 1.0, style)
+
+
 def test_remat_gives_the_same_gradients():
     # recomputing all or some blocks in the backward (train.py --remat) changes memory, not the math
     torch.manual_seed(0)
