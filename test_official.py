@@ -319,8 +319,8 @@ OFFICIAL_MAE_FEATURES = {
 
 
 def test_mae_features_match_official_jax():
-    # an official pixel MAE (2x2 input patchify) mapped in: its 50 feature sets (drift.feature_sets of our maps) are
-    # the official get_activations' names and values
+    # an official pixel MAE (2x2 input patchify) mapped in: drift.feature_sets of our maps gives as many sets as the
+    # official get_activations (50) and its values on 6 of them
     def fan_in_scaled(t):
         return {k: fan_in_scaled(v) if isinstance(v, dict) else v / np.sqrt(np.prod(v.shape[:-1])) if k == "kernel"
                 else v for k, v in t.items()}
