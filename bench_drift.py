@@ -46,6 +46,7 @@ device = torch.device("cuda" if torch.cuda.is_available() and not args.small els
 cuda = device.type == "cuda"
 use_compile = cuda if args.compile is None else args.compile
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
+torch.backends.cudnn.benchmark = True
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
 torch.manual_seed(0)
 

@@ -55,7 +55,8 @@ if args.small:
     args.iters, args.warmup = 2, 1
 
 device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
-torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
+torch.backends.cudnn.benchmark = True
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 use_compile = device.type == "cuda" and not args.no_compile
 mode = "reduce-overhead" if args.cudagraphs else None

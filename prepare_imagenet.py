@@ -102,6 +102,7 @@ def main(argv=None):
     parser.add_argument("--vae", default="mse", help="load_vae argument (ema and mse share the encoder)")
     parser.add_argument("--batch_size", type=int, default=64, help="images per rank per step")
     parser.add_argument("--num_workers", type=int, default=8, help="DataLoader workers decoding JPEGs")
+    parser.add_argument("--no_compile", action="store_true", help="skip torch.compile of the encoder (used on GPU)")
     args = parser.parse_args(argv)
 
     distributed = "RANK" in os.environ  # launched by torchrun
@@ -114,6 +115,8 @@ def main(argv=None):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # the cache is made once
     vae = None if args.pixels else load_vae(args.vae).to(device)
+    if vae is not None and device.type == "cuda" and not args.no_compile:  # ~1.8x the images a second (README)
+        vae.encoder.forward = torch.compile(vae.encoder.forward)
     kind = "pixels" if args.pixels else "moments"
     os.makedirs(args.out, exist_ok=True)
 
