@@ -406,6 +406,22 @@ def test_compiled_drift_step_equals_eager(monkeypatch):
     torch.testing.assert_close(loss_and_grads(), eager, rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_forces_stay_close_to_float32(monkeypatch):
+    # GPUs form the forces from bf16 inputs and store them in bf16 (drift._force_dtype): the loss and gradient stay
+    # within a few 1e-3 of float32, here on the CPU
+    gen, pos, neg, w_neg = equal_width_inputs()
+    gen = {k: v.requires_grad_() for k, v in gen.items()}
+
+    def loss_and_grad():
+        total, _ = feature_drift_loss(gen, pos, neg, w_neg)
+        return total, torch.cat([g.flatten() for g in torch.autograd.grad(total, list(gen.values()))])
+    loss, grad = loss_and_grad()
+    monkeypatch.setattr(drift, "_force_dtype", lambda device: torch.bfloat16)
+    loss_low, grad_low = loss_and_grad()
+    err = ((grad_low - grad).norm() / grad.norm()).item()
+    assert abs(loss_low.item() / loss.item() - 1) < 1e-3 and 1e-5 < err < 1e-2, (loss_low, loss, err)
+
+
 TRITON_CHECK = """
 import torch, drift
 torch.manual_seed(0)
@@ -417,6 +433,9 @@ for G, Ng, Nn, Np, a, b, temps in [(3, 8, 2, 6, 1.0, 1.0, (0.02, 0.05, 0.2)), (2
     C = drift._coefficients_triton(dist, scale, w, Ng, Nn, temps, a, b)
     ref = drift._coefficients(dist, scale, w, Ng, Nn, temps, a, b, "both")
     torch.testing.assert_close(C, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    low = drift._coefficients_triton(dist, scale, w, Ng, Nn, temps, a, b, torch.bfloat16)  # as on GPUs
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, rtol=2 ** -7, atol=1e-6 * ref.abs().max().item())  # bf16 ulp
 print("ok")
 """
 
