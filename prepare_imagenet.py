@@ -36,7 +36,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from vae import SCALE, load_vae
+from vae import load_vae, scaled_moments
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -126,8 +126,8 @@ def main(argv=None):
         if args.pixels:
             shape, dtype = (n, size, size, 3), np.uint8
         else:
-            factor = 2 ** (len(vae.encoder.down_blocks) - 1)  # 8 for the SD-VAE
-            shape, dtype = (n, 2, 2, vae.post_quant_conv.in_channels, size // factor, size // factor), np.float16
+            side = size // vae.downsample
+            shape, dtype = (n, 2, 2, vae.post_quant_conv.in_channels, side, side), np.float16
         path, progress = os.path.join(args.out, f"{split}_{kind}.npy"), os.path.join(args.out, f"{split}_{kind}.done")
         if rank == 0:
             np.save(os.path.join(args.out, f"{split}_labels.npy"), labels)
@@ -151,8 +151,7 @@ def main(argv=None):
                 else:
                     x = crops.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
                     with torch.no_grad():
-                        mean, logvar = vae.encode(torch.cat([x, x.flip(3)]))  # (2B, 4, s, s) each
-                    moments = torch.stack([mean, (0.5 * logvar).exp()], 1) * SCALE  # (2B, 2, 4, s, s)
+                        moments = scaled_moments(vae, torch.cat([x, x.flip(3)]))  # (2B, 2, 4, s, s)
                     array[lo:hi] = moments.unflatten(0, (2, -1)).transpose(0, 1).cpu().numpy()
                 array.flush()  # data on disk before the range is marked done
                 log.write(f"{lo} {hi}\n")

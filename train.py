@@ -279,7 +279,7 @@ def main(argv=None):
             raise ValueError(f"{args.data}: the latent MAE crops the images before the SD-VAE, which needs the crops "
                              "of prepare_imagenet.py --pixels there too (or --crop_min 1: the cached latents only)")
         pixels, vae = Data("imagenet_pixels", args.data, "train", device), load_vae(args.vae).to(device)
-        side = pixels.shape[-1] // 2 ** (len(vae.encoder.down_blocks) - 1)
+        side = pixels.shape[-1] // vae.downsample
         if len(pixels) != len(data) or (vae.post_quant_conv.in_channels, side, side) != data.shape:
             raise ValueError(f"{args.data}: {len(pixels)} crops encode to {vae.post_quant_conv.in_channels}x{side}x"
                              f"{side} latents, the cache holds {len(data)} of {'x'.join(map(str, data.shape))}")

@@ -147,6 +147,7 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
         self.decoder = Decoder(z, in_channels, chs, layers_per_block, g)
         self.post_quant_conv = nn.Conv2d(z, z, 1)
+        self.downsample = 2 ** (len(chs) - 1)  # image side / latent side: 8 for the SD-VAE
 
     def encode(self, x):
         """x (B, 3, H, W) in [-1, 1] -> posterior (mean, logvar), each (B, 4, H/8, W/8), unscaled."""
@@ -158,14 +159,21 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
+def scaled_moments(vae, x):
+    """Images x (B, 3, H, W) in [-1, 1] -> the posterior's mean and std times SCALE, (B, 2, 4, H/8, W/8): the
+    format of prepare_imagenet.py's cache."""
+    mean, logvar = vae.encode(x)
+    return torch.stack([mean, (0.5 * logvar).exp()], 1) * SCALE
+
+
 @torch.no_grad()
 def sample_latents(vae, x, chunk=64):
     """Images x (B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8) times SCALE, one posterior sample each, as
     training draws them from prepare_imagenet.py's cache; encoded `chunk` images at a time (bounded memory)."""
     out = []
     for part in x.split(chunk):
-        mean, logvar = vae.encode(part.float())
-        out.append((mean + (0.5 * logvar).exp() * torch.randn_like(mean)) * SCALE)
+        moments = scaled_moments(vae, part.float())
+        out.append(moments[:, 0] + moments[:, 1] * torch.randn_like(moments[:, 0]))
     return torch.cat(out)
 
 
