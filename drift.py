@@ -315,11 +315,9 @@ class _Regression(torch.autograd.Function):
     def backward(ctx, grad):
         out, off = [], 0
         for i, g in enumerate(ctx.saved_tensors):
-            if ctx.per_set:  # one scalar per set: a plain multiply over g's memory (faster than per group)
-                out.append(g * grad[i])
-                continue
             k = math.prod(g.shape[:-2])
-            out.append(g * grad[off:off + k].view(*g.shape[:-2], 1, 1))
+            # per_set: one scalar per set, a plain multiply over g's memory (faster than one factor per group)
+            out.append(g * (grad[i] if ctx.per_set else grad[off:off + k].view(*g.shape[:-2], 1, 1)))
             off += k
         return None, None, None, *[None] * len(out), *out
 
