@@ -139,9 +139,9 @@ def encoder_gen_fwd_bwd_to_input():
 
 
 own = (lambda t: t.clone()) if args.cudagraphs else (lambda t: t)  # CUDA graphs reuse their outputs' memory
-with torch.no_grad(), autocast:  # fixed features for the drift loss alone
-    f_gen = {k: own(v.float().unflatten(0, (nc, -1))).requires_grad_() for k, v in features(noise).items()}
-    f_real = {k: own(v.float().unflatten(0, (nc, -1))) for k, v in features(x_real).items()}
+with torch.no_grad(), autocast:  # fixed features for the drift loss alone, in the dtypes the step gives it
+    f_gen = {k: own(v.unflatten(0, (nc, -1))).requires_grad_() for k, v in features(noise).items()}
+    f_real = {k: own(v.unflatten(0, (nc, -1))) for k, v in features(x_real).items()}
 f_pos = {k: v[:, :args.n_pos] for k, v in f_real.items()}
 f_unc = {k: v[:, args.n_pos:] for k, v in f_real.items()}
 w_unc = drift.cfg_weight(alpha, args.n_neg, args.n_unc)[:, None].expand(nc, args.n_unc)

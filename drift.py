@@ -11,7 +11,8 @@ feature_drift_loss one drift_loss per feature name, classes x locations folded i
 cfg_weight, sample_alpha   classifier-free guidance (Sec. 3.5, A.7) as the official train_step does it.
 
 On GPUs the kernel's coefficients (softmaxes, clamp, row sums) come from one Triton kernel, elsewhere from torch ops,
-and the forces are bf16 matmuls (the official's arithmetic on TPUs) stored in bf16, elsewhere float32.
+and the distances and forces are matmuls of bf16 targets summed in float32 (the official's arithmetic on TPUs), the
+forces stored in bf16; elsewhere all float32.
 
 `python drift.py` runs the 2D toy of Figures 3-4 on the CPU and writes toy.png.
 """
@@ -31,10 +32,14 @@ TEMPERATURES = (0.02, 0.05, 0.2)
 def _cdist(x, y, n=None):
     # Batched L2 distance through one matmul: (G, N, D) x (G, M, D) -> (G, N, M), no (G, N, M, D) difference.
     # n: x is y[:, :n], whose squared norms are then y's. Clamped at 1e-8 like the official, so rounding below 0 or
-    # a zero distance stays finite under sqrt.
-    y_sq = y.square().sum(-1)
-    x_sq = x.square().sum(-1) if n is None else y_sq[:, :n]
-    return (x_sq[:, :, None] + y_sq[:, None, :] - 2 * torch.bmm(x, y.transpose(1, 2))).clamp_min(1e-8).sqrt()
+    # a zero distance stays finite under sqrt. bf16 inputs: their exact products summed in float32, out in float32.
+    y_sq = y.float().square().sum(-1)
+    x_sq = x.float().square().sum(-1) if n is None else y_sq[:, :n]
+    if x.is_cuda and x.dtype == torch.bfloat16:
+        xy = torch.bmm(x, y.transpose(1, 2), out_dtype=torch.float32)
+    else:  # (the same arithmetic where bmm has no out_dtype: CPU)
+        xy = torch.bmm(x.float(), y.float().transpose(1, 2))
+    return (x_sq[:, :, None] + y_sq[:, None, :] - 2 * xy).clamp_min(1e-8).sqrt()
 
 
 def _sqrt_softmax(logits):
@@ -195,16 +200,17 @@ if triton is not None:
             tl.store(out + Ng + c[None, :], A * (-b * sum_pos)[:, None], mask=v)
 
 
-def _force_dtype(device):
-    # The forces' matmul inputs and storage (_drift_step); a function, so that a CPU test can switch it to bf16
+def _matmul_dtype(device):
+    # The dtype of the targets, so of the distance and force matmuls' inputs, and of the forces (_targets,
+    # _drift_step); a function, so that a CPU test can switch it to bf16
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _drift_step(targets, w, seg, counts, Ng, Nn, temperatures, reduce, attraction, repulsion, softmax):
     """
-    The frozen drift of drift_loss for several independent sets at once. targets (G, Nt, D) = [gen | neg | pos],
-    w (G, Nt) their weights; seg (G,) the set of each group and counts (S,) the groups per set (float). Each set
-    keeps its own statistics, as if computed alone.
+    The frozen drift of drift_loss for several independent sets at once. targets (G, Nt, D) = [gen | neg | pos]
+    (centred, in _matmul_dtype: _targets), w (G, Nt) their weights; seg (G,) the set of each group and counts (S,)
+    the groups per set (float). Each set keeps its own statistics, as if computed alone.
     Returns the step goal - gen (G, Ng, D) in input coordinates, each group's coordinate scale s (G,) (gen~ = gen / s),
     and per set the distance scale (S,) and each temperature's force mean square (S, K). All temperatures are
     computed at once, stacked on a second axis (K). Written out of place, for torch.compile (compile_drift) to fuse.
@@ -223,17 +229,16 @@ def _drift_step(targets, w, seg, counts, Ng, Nn, temperatures, reduce, attractio
     scale = stats[:, 0] / stats[:, 1]  # (S,)
     scale_in = (scale / math.sqrt(D)).clamp_min(1e-3)  # rescaled coordinates have mean distance sqrt(D)
     scale_dist = scale.clamp_min(1e-3)[seg]  # (G,) temperatures are relative to the mean distance
-    # The forces C @ targets take bf16 inputs with float32 accumulation on GPUs, the official's arithmetic on TPUs
-    # (JAX's default matmul precision), and are stored in bf16: half the memory traffic of the largest tensor.
-    # Gradient within 1.4e-3 of float32 against 1.5e-4 with TF32, 12% faster (H200, ablation shape; README).
-    low = _force_dtype(targets.device)
+    # On GPUs the forces C @ targets, like the distances, take bf16 inputs with float32 accumulation, the official's
+    # arithmetic on TPUs (JAX's default matmul precision), and are stored in bf16: half the memory traffic of the
+    # largest tensors. Gradient within a few 1e-3 of float32 (README).
     if softmax == "both" and dist.is_cuda and triton is not None:
-        C = _coefficients_triton(dist, scale_dist, w, Ng, Nn, temperatures, attraction, repulsion, low)
+        C = _coefficients_triton(dist, scale_dist, w, Ng, Nn, temperatures, attraction, repulsion, targets.dtype)
     else:
-        C = _coefficients(dist, scale_dist, w, Ng, Nn, temperatures, attraction, repulsion, softmax).to(low)
+        C = _coefficients(dist, scale_dist, w, Ng, Nn, temperatures, attraction, repulsion, softmax).to(targets.dtype)
     K = C.shape[1]
     # Formed transposed, (G, D, K, Ng): cuBLAS writes that layout faster (H200, ablation shape: 8.6 against 9.7 ms)
-    force = torch.bmm(targets.to(low).transpose(1, 2), C.view(G, K * Ng, Nt).transpose(1, 2))
+    force = torch.bmm(targets.transpose(1, 2), C.view(G, K * Ng, Nt).transpose(1, 2))
     force = force.view(G, D, K, Ng).float()
 
     # Each temperature's force divided by its RMS over its set (in rescaled coordinates), then summed.
@@ -245,17 +250,17 @@ def _drift_step(targets, w, seg, counts, Ng, Nn, temperatures, reduce, attractio
     return step, scale_in[seg], scale, mean_sq
 
 
-def _targets(sets):
-    # [gen | neg | pos] of every group of every set in one float32 (G, Nt, D) buffer, centred on each group's mean
-    # generated sample (the field is translation invariant, and centring keeps the distance and force matmuls
-    # accurate, TF32 included, for features far from the origin), and their weights (G, Nt). Written as cats of
+def _targets(sets, dtype):
+    # [gen | neg | pos] of every group of every set in one (G, Nt, D) buffer of dtype, centred in float32 on each
+    # group's mean generated sample (the field is translation invariant, and centring keeps the distances accurate
+    # in bf16 or TF32 for features far from the origin), and their weights (G, Nt). Written as cats of
     # centred pieces, which torch.compile turns into one pass over the inputs (strided views included; gen is read
     # twice, for its mean and for the copy).
     parts, weights = [], []
     for gen, pos, neg, w_gen, w_pos, w_neg in sets:
         cols = [x.float() for x in ([gen, pos] if neg is None else [gen, neg, pos])]
         mean = cols[0].mean(-2, keepdim=True)
-        parts.append(torch.cat([x - mean for x in cols], dim=-2).flatten(0, -3))
+        parts.append(torch.cat([(x - mean).to(dtype) for x in cols], dim=-2).flatten(0, -3))
         ws = [w_gen, w_pos] if neg is None else [w_gen, w_neg, w_pos]
         weights.append(torch.cat([x.new_ones(x.shape[:-1]) if w is None else w.float().expand(x.shape[:-1])
                                   for x, w in zip(cols, ws)], dim=-1).flatten(0, -2))
@@ -268,7 +273,7 @@ def _frozen(sets, seg, counts, temperatures, reduce, attraction, repulsion, soft
     # value mean(step~^2), or with per_set each set's mean (S,); and per set the loss's gradient for a unit
     # upstream gradient, laid out as the set's gen.
     Ng, Nn = sets[0][0].shape[-2], 0 if sets[0][2] is None else sets[0][2].shape[-2]
-    targets, w = _targets(sets)
+    targets, w = _targets(sets, _matmul_dtype(sets[0][0].device))
     step, scale_in, scale, mean_sq = _drift_step(targets, w, seg, counts, Ng, Nn, temperatures, reduce,
                                                  attraction, repulsion, softmax)
     n = Ng * step.shape[2] * scale_in.square()  # (G,) Ng D s^2
@@ -282,7 +287,7 @@ def _frozen(sets, seg, counts, temperatures, reduce, attraction, repulsion, soft
     grads, off = [], 0
     for gen, *_ in sets:
         k = math.prod(gen.shape[:-2])
-        grads.append(torch.empty_like(gen, dtype=torch.float32).copy_(grad[off:off + k].view(gen.shape)))
+        grads.append(torch.empty_like(gen).copy_(grad[off:off + k].view(gen.shape)))
         off += k
     return loss, grads, scale, mean_sq
 
@@ -317,7 +322,7 @@ class _Regression(torch.autograd.Function):
         for i, g in enumerate(ctx.saved_tensors):
             k = math.prod(g.shape[:-2])
             # per_set: one scalar per set, a plain multiply over g's memory (faster than one factor per group)
-            out.append(g * (grad[i] if ctx.per_set else grad[off:off + k].view(*g.shape[:-2], 1, 1)))
+            out.append(g * (grad[i] if ctx.per_set else grad[off:off + k].view(*g.shape[:-2], 1, 1).to(g.dtype)))
             off += k
         return None, None, None, *[None] * len(out), *out
 
@@ -334,8 +339,8 @@ def _loss(sets, temperatures, reduce, attraction, repulsion, softmax, per_set=Fa
     # The set of each group, built on the host and sent without a stream sync.
     seg = torch.repeat_interleave(torch.arange(S), torch.tensor(sizes), output_size=G).to(device, non_blocking=True)
     counts = torch.tensor(sizes, dtype=torch.float32).to(device, non_blocking=True)
-    with torch.autocast(device.type, enabled=False):  # distances need float32 even under bf16
-        gens = [s[0].float() for s in sets]
+    with torch.autocast(device.type, enabled=False):  # the distances' sums need float32 even under bf16
+        gens = [s[0] for s in sets]  # any dtype: _targets computes in float32, the gradients come in gen's dtype
         frozen = [(g.detach(), *(None if x is None else x.detach() for x in s[1:])) for g, s in zip(gens, sets)]
         loss, grads, scale, mean_sq = _frozen_fn(frozen, seg, counts, temperatures, reduce, attraction, repulsion,
                                                  softmax, per_set)
@@ -412,9 +417,9 @@ def feature_sets(maps, x=None, raw=None):
     for name, fmap in maps.items():
         if fmap.dim() != 4:
             raise ValueError(f"expected map {name} as (B, C, H, W), got {tuple(fmap.shape)}")
+        out[name] = fmap.flatten(2).transpose(1, 2)  # (B, H*W, C) in the map's dtype: no float32 copy of bf16 maps
         fmap = fmap.float()
         B, C, H, W = fmap.shape
-        out[name] = fmap.flatten(2).transpose(1, 2)  # (B, H*W, C)
         out[f"{name}_mean"] = fmap.mean(dim=(2, 3))[:, None, :]
         out[f"{name}_std"] = _std(fmap.flatten(2), dim=2)[:, None, :]
         for s in (2, 4):

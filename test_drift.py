@@ -364,6 +364,24 @@ def test_feature_drift_loss_takes_feature_sets_views(memory_format):
                                torch.autograd.grad(copies, maps["a"]))
 
 
+def test_bf16_maps_drift_without_float32_copies():
+    # bf16 maps (autocast) keep their per-location sets in bf16, views of the maps; the loss is that of the float32
+    # upcast maps (computed in float32 from the same values) and the maps' gradient that one's, rounded to bf16
+    maps = randn(12, 5, 4, 4)
+    grads, losses = [], []
+    for dtype in (torch.bfloat16, torch.float32):
+        m = maps.bfloat16().to(dtype).requires_grad_()
+        sets = {k: v.unflatten(0, (2, 6)) for k, v in feature_sets({"a": m}).items()}
+        assert sets["a"].dtype == dtype and sets["a_mean"].dtype == torch.float32
+        gen, pos = {k: v[:, :4] for k, v in sets.items()}, {k: v[:, 4:].detach() for k, v in sets.items()}
+        loss = feature_drift_loss(gen, pos)[0]
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, m)[0])
+    assert grads[0].dtype == torch.bfloat16
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0].float(), grads[1], rtol=2 ** -6, atol=1e-3 * grads[1].abs().max().item())
+
+
 def equal_width_inputs(Nc=2, Ng=4, Np=3, Nn=2):
     # three names, two of width 5 at different scales (so a shared normalization would change their losses)
     shapes, spread = {"loc": (4, 5), "mean": (1, 5), "other": (2, 3)}, {"loc": 1.0, "mean": 10.0, "other": 1.0}
@@ -406,17 +424,20 @@ def test_compiled_drift_step_equals_eager(monkeypatch):
     torch.testing.assert_close(loss_and_grads(), eager, rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_forces_stay_close_to_float32(monkeypatch):
-    # GPUs form the forces from bf16 inputs and store them in bf16 (drift._force_dtype): the loss and gradient stay
-    # within a few 1e-3 of float32, here on the CPU
-    gen, pos, neg, w_neg = equal_width_inputs()
+def test_bf16_matmuls_stay_close_to_float32(monkeypatch):
+    # GPUs store the targets in bf16, so that the distance and force matmuls take bf16 inputs (summed in float32),
+    # and the forces in bf16 (drift._matmul_dtype): at width 64 the loss and gradient stay within a few 1e-3 of
+    # float32, here on the CPU (rounding a point moves its distances by ~2^-9 / sqrt(width) relative)
+    gen, pos, neg = [{k: randn(2, N, L, 64, seed=10 * j + i) + i for i, (k, L) in enumerate({"a": 4, "b": 1}.items())}
+                     for j, N in enumerate((16, 12, 4))]
     gen = {k: v.requires_grad_() for k, v in gen.items()}
+    w_neg = torch.tensor([[0.0] * 4, [1.5] * 4])
 
     def loss_and_grad():
         total, _ = feature_drift_loss(gen, pos, neg, w_neg)
         return total, torch.cat([g.flatten() for g in torch.autograd.grad(total, list(gen.values()))])
     loss, grad = loss_and_grad()
-    monkeypatch.setattr(drift, "_force_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(drift, "_matmul_dtype", lambda device: torch.bfloat16)
     loss_low, grad_low = loss_and_grad()
     err = ((grad_low - grad).norm() / grad.norm()).item()
     assert abs(loss_low.item() / loss.item() - 1) < 1e-3 and 1e-5 < err < 1e-2, (loss_low, loss, err)
