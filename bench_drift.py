@@ -16,7 +16,7 @@ Each row is the median over --iters calls after --warmup untimed ones (compilati
   memory   the per-location set of a 32x32 and of an 8x8 map (C = 256) alone: the peak memory per location
            stays flat, far below one (G, Ng, Nt, D) float32 difference tensor, printed for comparison.
 Per-GPU batch: the official ablation (configs/gen/latent_ablation.yaml) draws 64 classes per step over 8
-devices, so 8 per GPU. --nc 64 puts the whole step on one GPU; its float32 feature sets alone take ~90 GB.
+devices, so 8 per GPU. --nc 64 puts the whole step on one GPU; its feature sets alone take ~63 GB (bf16 per location).
 """
 import argparse
 import statistics
