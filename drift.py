@@ -340,11 +340,11 @@ def _loss(sets, temperatures, reduce, attraction, repulsion, softmax, per_set=Fa
     seg = torch.repeat_interleave(torch.arange(S), torch.tensor(sizes), output_size=G).to(device, non_blocking=True)
     counts = torch.tensor(sizes, dtype=torch.float32).to(device, non_blocking=True)
     with torch.autocast(device.type, enabled=False):  # the distances' sums need float32 even under bf16
-        gens = [s[0] for s in sets]  # any dtype: _targets computes in float32, the gradients come in gen's dtype
-        frozen = [(g.detach(), *(None if x is None else x.detach() for x in s[1:])) for g, s in zip(gens, sets)]
+        # any dtype: _targets computes in float32, the gradients come in gen's dtype
+        frozen = [tuple(None if x is None else x.detach() for x in s) for s in sets]
         loss, grads, scale, mean_sq = _frozen_fn(frozen, seg, counts, temperatures, reduce, attraction, repulsion,
                                                  softmax, per_set)
-        loss = _Regression.apply(loss, per_set, len(gens), *grads, *gens)  # the gradient reaches gen only here
+        loss = _Regression.apply(loss, per_set, S, *grads, *(s[0] for s in sets))  # the gradient reaches gen only here
     return loss, scale, mean_sq
 
 
