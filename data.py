@@ -67,6 +67,11 @@ def download_fmnist(root):
                       "dataset-fashion-mnist` and pass --data /usr/share/datasets/fashion-mnist")
 
 
+def posterior_sample(moments):
+    """One sample of the SD-VAE posterior from its [mean, std] moments (B, 2, C, H, W): the training latent."""
+    return moments[:, 0] + moments[:, 1] * torch.randn_like(moments[:, 0])
+
+
 class Data:
     """A labelled set in one array: small image sets as a uint8 (N, C, 32, 32) tensor on the device (no loader),
     ImageNet caches as memory-mapped numpy arrays read per batch. fetch(ids) -> float model inputs on `device`."""
@@ -118,7 +123,7 @@ class Data:
         if self.name == "imagenet":  # a fresh posterior sample each time, of the flipped image when flip
             moments = self.images[index.cpu().numpy(), flip.long().cpu().numpy()]  # (B, 2, 4, 32, 32)
             moments = torch.from_numpy(moments).to(self.device).float()
-            return moments[:, 0] + moments[:, 1] * torch.randn_like(moments[:, 0])
+            return posterior_sample(moments)
         if self.name == "imagenet_pixels":
             x = torch.from_numpy(self.images[index.cpu().numpy()]).to(self.device).permute(0, 3, 1, 2)
             flip = flip.to(self.device)

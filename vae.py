@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import CACHE_DIR, download_file
+from data import CACHE_DIR, download_file, posterior_sample
 
 SCALE = 0.18215  # latent scaling factor of the SD-VAE (diffusers' class default)
 URLS = {name: f"https://huggingface.co/stabilityai/sd-vae-ft-{name}/resolve/main/diffusion_pytorch_model.safetensors"
@@ -173,7 +173,7 @@ def sample_latents(vae, x, chunk=64):
     out = []
     for part in x.split(chunk):
         moments = scaled_moments(vae, part.float())
-        out.append(moments[:, 0] + moments[:, 1] * torch.randn_like(moments[:, 0]))
+        out.append(posterior_sample(moments))
     return torch.cat(out)
 
 
