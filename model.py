@@ -118,16 +118,17 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """silu(x W1) * (x W3) then W2; W1 and W3 run as one matmul (official kernels are concatenated)."""
+    """silu(x W1) * (x W3) then W2. W1 and W3 stay two matmuls, as officially: joined into one, the gradient of the
+    joined output costs more than the one matmul saves (DiT-B/2 at batch 512 on an H200, forward and backward
+    compiled: 213.3 ms joined against 207.8 ms; README, Throughput)."""
 
     def __init__(self, dim, hidden):
         super().__init__()
-        self.w13 = nn.Linear(dim, 2 * hidden)
+        self.w1, self.w3 = nn.Linear(dim, hidden), nn.Linear(dim, hidden)
         self.w2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
@@ -220,10 +221,6 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        # W1 and W3 are separate [D, M] kernels officially: Xavier each half with its own fan-out.
-        for block in self.blocks:
-            for half in block.mlp.w13.weight.chunk(2):
-                nn.init.xavier_uniform_(half)
         # The alpha MLP is a DiT timestep embedder: N(0, 0.02) weights.
         for m in self.alpha_embed.mlp:
             if isinstance(m, nn.Linear):

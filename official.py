@@ -118,7 +118,7 @@ def _download(name):
 
 def _official_names(model):
     """(torch name, official Flax keys, 'kernel' or 'concat') for every DiT parameter. Dense kernels are
-    [in, out]: concatenated along out, then transposed to torch's [out, in]; the rest concatenate on axis 0."""
+    [in, out], transposed to torch's [out, in]; the rest concatenate on axis 0 (the 32 style codebooks)."""
     def dense(ours, theirs):
         return [(f"{ours}.weight", [f"{theirs}/Dense_0/kernel"], "kernel"),
                 (f"{ours}.bias", [f"{theirs}/Dense_0/bias"], "concat")]
@@ -136,15 +136,14 @@ def _official_names(model):
              *dense("final_layer.linear", L + "FinalLayer_0/TorchLinear_1")]
     for i in range(model.depth):
         ours, theirs = f"blocks.{i}.", f"{L}blocks_{i}/"
-        ffn = [f"{theirs}SwiGLUFFN_0/TorchLinear_{j}/Dense_0/" for j in (0, 1)]  # W1 (gate), W3 (up)
         names += [(ours + "norm1.weight", [theirs + "RMSNorm_0/weight"], "concat"),
                   (ours + "norm2.weight", [theirs + "RMSNorm_1/weight"], "concat"),
                   (ours + "attn.q_norm.weight", [theirs + "Attention_0/q_norm/weight"], "concat"),
                   (ours + "attn.k_norm.weight", [theirs + "Attention_0/k_norm/weight"], "concat"),
                   *dense(ours + "attn.qkv", theirs + "Attention_0/TorchLinear_0"),
                   *dense(ours + "attn.proj", theirs + "Attention_0/TorchLinear_1"),
-                  (ours + "mlp.w13.weight", [f + "kernel" for f in ffn], "kernel"),
-                  (ours + "mlp.w13.bias", [f + "bias" for f in ffn], "concat"),
+                  *dense(ours + "mlp.w1", theirs + "SwiGLUFFN_0/TorchLinear_0"),  # gate
+                  *dense(ours + "mlp.w3", theirs + "SwiGLUFFN_0/TorchLinear_1"),  # up
                   *dense(ours + "mlp.w2", theirs + "SwiGLUFFN_0/TorchLinear_2"),
                   *dense(ours + "adaLN_modulation", theirs + "TorchLinear_0")]
     return names
@@ -175,7 +174,7 @@ def dit_from_official(metadata, params):
         for ours, keys, how in names:
             # the no-style ablation has zero codebooks: an empty (0, cond_dim) table
             arrays = [params[k] for k in keys] or [np.zeros((0, model.cond_dim), np.float32)]
-            value = np.concatenate(arrays, axis=1 if how == "kernel" else 0)
+            value = np.concatenate(arrays)
             state[ours] = torch.from_numpy(np.ascontiguousarray(value.T if how == "kernel" else value))
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]

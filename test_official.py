@@ -125,15 +125,15 @@ def write_artifact(folder, tree, cfg=OFFICIAL_CFG, kind="gen"):
 
 
 def test_loader_maps_every_official_parameter(tmp_path):
-    # every official array lands in its torch parameter: kernels transposed, W1|W3 and the 32 codebooks joined
+    # every official array lands in its torch parameter: kernels transposed, the 32 codebooks joined
     tree = official_tree(OFFICIAL_CFG, np.random.default_rng(0))
     model = load_official(write_artifact(tmp_path / "gen", tree))
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     block, ffn = tree["LightningDiT_0"]["blocks_1"], tree["LightningDiT_0"]["blocks_1"]["SwiGLUFFN_0"]
     assert model.cond_dim == 48 and model.num_classes == 10
     assert np.array_equal(sd["blocks.1.attn.qkv.weight"], block["Attention_0"]["TorchLinear_0"]["Dense_0"]["kernel"].T)
-    assert np.array_equal(sd["blocks.1.mlp.w13.weight"][:model.mlp_hidden], ffn["TorchLinear_0"]["Dense_0"]["kernel"].T)
-    assert np.array_equal(sd["blocks.1.mlp.w13.bias"][model.mlp_hidden:], ffn["TorchLinear_1"]["Dense_0"]["bias"])
+    assert np.array_equal(sd["blocks.1.mlp.w1.weight"], ffn["TorchLinear_0"]["Dense_0"]["kernel"].T)
+    assert np.array_equal(sd["blocks.1.mlp.w3.bias"], ffn["TorchLinear_1"]["Dense_0"]["bias"])
     assert np.array_equal(sd["style_embed.weight"][64 * 5:64 * 6], tree["noise_embeds_5"]["embedding"])
     assert np.array_equal(sd["register_embed"], tree["LightningDiT_0"]["cls_embed"])
     alpha_kernel = tree["TimestepEmbedder_0"]["TorchLinear_1"]["Dense_0"]["kernel"]
