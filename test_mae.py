@@ -164,7 +164,7 @@ def test_bf16_autocast_and_channels_last_match_float32():
 
 
 def test_group_norm_matches_torch_values_gradients_and_dtypes():
-    # model.GroupNorm (per-channel sums, a scale and a shift) computes nn.GroupNorm's function, float32 under autocast
+    # model.GroupNorm (per-channel sums, a scale and a shift) computes nn.GroupNorm's function; bf16 in, bf16 out
     torch.manual_seed(0)
     ref = torch.nn.GroupNorm(8, 32, eps=1e-6)
     torch.nn.init.normal_(ref.weight), torch.nn.init.normal_(ref.bias)
@@ -181,7 +181,7 @@ def test_group_norm_matches_torch_values_gradients_and_dtypes():
     assert torch.allclose(grads[1][0], grads[0][0], atol=1e-5) and torch.allclose(grads[1][1], grads[0][1], atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = ours(x.bfloat16())
-    assert y.dtype == torch.float32 and torch.allclose(y, ref(x.bfloat16().float()), atol=1e-5)
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), ref(x.bfloat16().float()), rtol=4e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("size,decoder", [(32, False), (32, True), (28, True)])
