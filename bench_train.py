@@ -21,7 +21,7 @@ import os
 import time
 from contextlib import nullcontext
 
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as train.py (--remat 8 fits 80 GB)
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as train.py (80 GB cards)
 import torch
 
 import drift

@@ -25,8 +25,8 @@ import os
 import time
 from contextlib import nullcontext
 
-# Grown, not fixed-size, allocator segments: the ablation step with --remat 8 fits an 80 GB card only so (else 7 GiB
-# sit reserved but unusable between segments). Set before torch is imported; an explicit setting wins.
+# Grown, not fixed-size, allocator segments: with fixed ones, 7 GiB once sat reserved but unusable between segments and
+# the ablation step ran out of an 80 GB card's memory. Set before torch is imported; an explicit setting wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import numpy as np
 import torch
@@ -144,7 +144,7 @@ def get_args(argv=None):
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile (used by default on GPU)")
     p.add_argument("--remat", type=int, nargs="?", const=True, default=0, help="gen: recompute every DiT block "
                    "(--remat) or the first K (--remat K) in the backward (official use_remat), one more block forward "
-                   "each; the ablation shape fits an 80 GB card from K = 8 of B/2's 12 blocks (72 GiB)")
+                   "each; the ablation shape fits an 80 GB card from K = 3 of B/2's 12 blocks (74 GiB on an H100)")
     args, _ = p.parse_known_args(argv)
     p.set_defaults(**{**STAGE_DEFAULTS[args.stage], **PRESETS.get(args.preset, {}).get(args.stage, {})})
     return p.parse_args(argv)
