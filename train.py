@@ -65,7 +65,7 @@ PRESETS = {
                     ema_decays=[0.995], out="runs/fmnist", encoder="runs/fmnist_mae/ckpt.pt", fid_ref="test",
                     fid_alphas=[1.0, 1.5, 2.0]),
     },
-    "fmnist_cpu": {  # 2 cores: MAE ~0.4 s/step, generator ~2 s/step (about half of it torch.var in drift._std)
+    "fmnist_cpu": {  # 2 cores: MAE ~0.4 s/step, generator ~1.2 s/step
         "mae": dict(FMNIST, model="tiny", steps=150, batch_size=32, lr=2e-3, warmup=20, ema_decays=[0.99],
                     crop_min=1.0, log_every=10, out="runs/fmnist_cpu_mae"),
         "gen": dict(FMNIST, model="T/2", steps=60, nc=5, n_pos=8, n_neg=8, n_unc=4, lr=1e-3, warmup=10,
