@@ -236,13 +236,14 @@ def main(argv=None):
 
     # ---- distributed: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python runs one process ----
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if ddp:  # device_id binds NCCL to this rank's GPU (else each barrier guesses it, with a warning)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     print0 = print if rank == 0 else (lambda *a, **k: None)
     barrier = dist.barrier if ddp else (lambda: None)
     mean_over_ranks = (lambda t: funcol.all_reduce(t, "sum", dist.group.WORLD) / world) if ddp else (lambda t: t)
