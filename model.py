@@ -144,7 +144,7 @@ class Block(nn.Module):
     def forward(self, x, c, rope):
         # The official release computes the modulation in float32, then casts it to the stream's dtype.
         with torch.autocast(x.device.type, enabled=False):
-            mod = self.adaLN_modulation(F.silu(c))[:, None].to(x.dtype)  # (B, 1, 6D)
+            mod = self.adaLN_modulation(F.silu(c.float()))[:, None].to(x.dtype)  # (B, 1, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -159,7 +159,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         with torch.autocast(x.device.type, enabled=False):
-            shift, scale = self.adaLN_modulation(F.silu(c))[:, None].to(x.dtype).chunk(2, dim=-1)  # (B, 1, D) each
+            shift, scale = self.adaLN_modulation(F.silu(c.float()))[:, None].to(x.dtype).chunk(2, dim=-1)  # (B, 1, D)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -170,7 +170,8 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Generator f(noise, class, alpha, style) -> sample shaped like noise, in one pass.
 
-    labels in [0, num_classes]; index num_classes is the official null (unconditional) class.
+    labels in [0, num_classes): one embedding row per class and no null class, as the official trains it (its
+    DitGen built with the dataset's num_classes; unconditional negatives come from the queue, not a null label).
     cond_dim (the conditioning width) defaults to hidden_size, as in every official config.
     """
 
@@ -192,7 +193,7 @@ class DiT(nn.Module):
         # SwiGLU keeps the MLP's parameter count: 2/3 of the GELU width, rounded up to a multiple of 32.
         self.mlp_hidden = (int(2 / 3 * int(hidden_size * mlp_ratio)) + 31) // 32 * 32
 
-        self.class_embed = nn.Embedding(num_classes + 1, cond_dim)
+        self.class_embed = nn.Embedding(num_classes, cond_dim)
         # Style token i picks row i*style_vocab + index: one table holds all 32 codebooks of 64.
         self.style_embed = nn.Embedding(num_style_tokens * style_vocab, cond_dim)
         self.alpha_embed = AlphaEmbedder(cond_dim)
@@ -255,16 +256,20 @@ class DiT(nn.Module):
                              f"(B, {self.num_style_tokens}), got {tuple(noise.shape)} and {tuple(style_idx.shape)}")
         alpha = torch.as_tensor(alpha, dtype=torch.float32, device=noise.device).expand(B)
         # token i's index picks a row of codebook i (an index past style_vocab is an IndexError, not the next book)
-        books = self.style_embed.weight.view(self.num_style_tokens, self.style_vocab, -1)
+        books = self.style_embed.weight.view(self.num_style_tokens, self.style_vocab, self.cond_dim)
         styles = books[torch.arange(self.num_style_tokens, device=style_idx.device), style_idx]  # (B, S, Dc)
-        c = (self.class_embed(labels) + styles.sum(1)
-             + 0.02 * self.alpha_embed(alpha))  # (B, Dc); the official 0.02, the embeddings' init std
+        # c summed term by term in the stream's dtype (bf16 under autocast), as the official use_bf16 models do
+        dev = noise.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+        c = self.class_embed(labels).to(dtype)
+        for i in range(self.num_style_tokens):
+            c = c + styles[:, i].to(dtype)
+        c = c + 0.02 * self.alpha_embed(alpha).to(dtype)  # (B, Dc); the official 0.02, the embeddings' init std
 
         x = self.x_embedder(self.patchify(noise)) + self.pos_embed  # (B, N, D)
         registers = self.register_proj(c)[:, None] + self.register_embed  # (B, R, D)
         x = torch.cat([registers, x], dim=1)  # (B, R + N, D)
-        if torch.is_autocast_enabled(x.device.type):  # a bf16 residual stream, as the official use_bf16 models
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = x.to(dtype)  # under autocast a bf16 residual stream, as in the official use_bf16 models
         rope = (self.rope_cos, self.rope_sin)
         for i, block in enumerate(self.blocks):
             if i < self.remat and torch.is_grad_enabled():

@@ -161,7 +161,7 @@ def dit_from_official(metadata, params):
                          f"RoPE, RMSNorm and out_channels == in_channels; got {cfg}")
     model = DiT(input_size=cfg["input_size"], patch_size=cfg["patch_size"], in_channels=cfg["in_channels"],
                 hidden_size=cfg["hidden_size"], depth=cfg["depth"], num_heads=cfg["num_heads"],
-                mlp_ratio=cfg.get("mlp_ratio", 4.0), num_classes=cfg.get("num_classes", 1001) - 1,
+                mlp_ratio=cfg.get("mlp_ratio", 4.0), num_classes=cfg.get("num_classes", 1001),
                 num_register_tokens=cfg["n_cls_tokens"], cond_dim=cfg["cond_dim"],
                 num_style_tokens=cfg["noise_coords"] if cfg["noise_classes"] else 0,
                 style_vocab=max(cfg["noise_classes"], 1),  # noise_classes 0: the no-style ablation
