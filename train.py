@@ -443,7 +443,9 @@ def main(argv=None):
     model.train()
     while step < args.steps:
         torch.manual_seed(step_seed(step, rank))  # masks, noise, posterior samples: a pure function of the step
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup), (args.steps - step) / max(1, args.cooldown))
+        # the official warmup (optax.linear_schedule): 1e-6 at the first update, linear to --lr at update --warmup
+        warm = 1e-6 + (args.lr - 1e-6) * step / args.warmup if step < args.warmup else args.lr
+        lr = min(warm, args.lr * (args.steps - step) / max(1, args.cooldown))
         for group in opt.param_groups:
             group["lr"] = lr
         if gen_stage:
