@@ -283,7 +283,9 @@ def test_sample_two_ranks_give_the_same_images_as_one(tmp_path, tiny_vae_dir, tw
     one = run_sample(tmp_path, ckpt, tiny_vae_dir, "one", "--num_samples", "7")
     two_ranks(sample.main, ["--ckpt", ckpt, "--vae", tiny_vae_dir, "--out", str(tmp_path / "two"), "--grid", "",
                             "--batch_size", "2", "--num_samples", "7"])
-    assert np.array_equal(np.load(tmp_path / "two.npz")["arr_0"], one)
+    # the same images, but for the odd value one level off (float sums in another process may round the other way)
+    diff = np.abs(np.load(tmp_path / "two.npz")["arr_0"].astype(int) - one)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
 def test_make_grid_places_images_row_major():
