@@ -200,16 +200,28 @@ class SampleQueue:
         self.ids, self.head, self.count = (state[k].to(self.ids.device) for k in ("ids", "head", "count"))
 
 
+def crop_boxes(B, min_area, generator=None, device=None, attempts=10):
+    """(w, h, cx, cy) (B,) each, in fractions of a square image's side: torchvision's RandomResizedCrop draws
+    (area uniform in [min_area, 1], ratio log-uniform in [3/4, 4/3]), the first of 10 that fits, else the whole
+    image (its fallback on a square image); cx, cy place the crop uniformly inside the image."""
+    u = torch.rand(attempts + 1, 2, B, generator=generator, device=device)
+    area = min_area + (1 - min_area) * u[:-1, 0]
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:-1, 1])
+    w, h = (area * ratio).sqrt(), (area / ratio).sqrt()  # (attempts, B)
+    fits = (w <= 1) & (h <= 1)
+    first = fits.int().argmax(dim=0, keepdim=True)  # the first draw that fits
+    w = torch.where(fits.any(0), w.gather(0, first)[0], 1.0)
+    h = torch.where(fits.any(0), h.gather(0, first)[0], 1.0)
+    return w, h, (1 - w) * u[-1, 0] + w / 2, (1 - h) * u[-1, 1] + h / 2
+
+
 def random_resized_crop(x, min_area, generator=None):
-    """torchvision's RandomResizedCrop(scale=(min_area, 1), ratio=(3/4, 4/3)) on a batch, as one grid_sample.
-    Crops wider than the image are clamped instead of resampled."""
-    B = x.shape[0]
-    u = torch.rand(4, B, generator=generator, device=x.device)
-    area = min_area + (1 - min_area) * u[0]
-    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[1])
-    w, h = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # fractions of the side
-    theta = torch.zeros(B, 2, 3, device=x.device)
+    """torchvision's RandomResizedCrop(scale=(min_area, 1), ratio=(3/4, 4/3), bicubic) on a batch of square images
+    in [-1, 1] (crop_boxes), resampled to the input's size as one bicubic grid_sample, clamped to [-1, 1] as PIL's
+    uint8 output is (torch's bicubic kernel has a = -0.75, PIL's -0.5)."""
+    w, h, cx, cy = crop_boxes(x.shape[0], min_area, generator, x.device)
+    theta = torch.zeros(x.shape[0], 2, 3, device=x.device)
     theta[:, 0, 0], theta[:, 1, 1] = w, h
-    theta[:, 0, 2], theta[:, 1, 2] = (2 * u[2] - 1) * (1 - w), (2 * u[3] - 1) * (1 - h)  # crop centre
+    theta[:, 0, 2], theta[:, 1, 2] = 2 * cx - 1, 2 * cy - 1  # crop centre in [-1, 1] coordinates
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp(-1, 1)

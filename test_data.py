@@ -1,4 +1,6 @@
-"""Tests of data.py on the CPU: the sample queues, the ImageNet caches of prepare_imagenet.py, the downloader."""
+"""Tests of data.py on the CPU: the sample queues, the ImageNet caches of prepare_imagenet.py, the downloader, the
+MAE's random crops."""
+import math
 import os
 import pickle
 import urllib.error
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import Data, SampleQueue, download_file
+from data import Data, SampleQueue, crop_boxes, download_file, random_resized_crop
 
 
 def test_queue_draw_has_no_duplicates_and_stays_in_class():
@@ -80,3 +82,30 @@ def test_failed_download_leaves_nothing_and_names_the_fix(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="http://x/f.bin.*copy it by hand"):
         download_file("http://x/f.bin", str(tmp_path / "f.bin"), "copy it by hand")
     assert os.listdir(tmp_path) == []
+
+
+def torchvision_crop_area(rng, min_area, side=256):
+    """Area fraction of one crop of torchvision's RandomResizedCrop.get_params on a side x side image."""
+    for _ in range(10):
+        target = side * side * rng.uniform(min_area, 1)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= side and 0 < h <= side:
+            return w * h / side ** 2
+    return 1.0
+
+
+def test_crop_areas_follow_torchvision():
+    # draws that do not fit are drawn again, not clamped: the mean area is torchvision's (clamping gave 0.593)
+    rng = np.random.default_rng(0)
+    reference = np.mean([torchvision_crop_area(rng, 0.2) for _ in range(20000)])
+    w, h, cx, cy = crop_boxes(200000, 0.2, torch.Generator().manual_seed(0))
+    assert abs((w * h).mean().item() - reference) < 0.006
+    assert (cx - w / 2 >= 0).all() and (cx + w / 2 <= 1).all() and (cy - h / 2 >= 0).all() and (cy + h / 2 <= 1).all()
+
+
+def test_random_resized_crop_keeps_shape_and_range():
+    # a batch of images in [-1, 1] comes back the same shape, clamped to [-1, 1] after the bicubic resampling
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    y = random_resized_crop(x, 0.2, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1 and not torch.equal(y, x)
