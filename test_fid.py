@@ -131,6 +131,22 @@ def test_tf1_resize_matches_nvidia_grid_sample_emulation():
     assert (fid.tf1_resize(x) - nvidia).abs().max() < 0.02  # grey levels; grid_sample's own rounding
 
 
+def test_half_pixel_resize_is_the_official_releases():
+    # the release's resize.py: its offsets never reach theta, so an identity affine grid + grid_sample(border)
+    x = torch.randint(0, 256, (1, 3, 256, 256), generator=torch.Generator().manual_seed(0)).float()
+    grid = F.affine_grid(torch.eye(2, 3)[None], [1, 3, 299, 299], align_corners=False)
+    official = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    assert (fid.half_pixel_resize(x) - official).abs().max() < 0.02
+    assert (fid.tf1_resize(x) - official).abs().max() > 10  # another protocol: tens of grey levels apart
+
+
+def test_official_reference_statistics_load(tmp_path):
+    # the release's imagenet_256_fid_stats.npz names its statistics ref_mu and ref_sigma
+    np.savez(tmp_path / "ref.npz", ref_mu=np.arange(4.0), ref_sigma=np.eye(4))
+    mu, sigma = fid.load_source(str(tmp_path / "ref.npz"))
+    assert np.array_equal(mu, np.arange(4.0)) and np.array_equal(sigma, np.eye(4))
+
+
 def inception_score(logits, splits):
     stats = fid.InceptionStats(1, num_images=len(logits), num_classes=logits.shape[1], splits=splits)
     stats.update(torch.zeros(len(logits), 1), logits, torch.arange(len(logits)))
@@ -188,7 +204,7 @@ def test_cli_images_vs_reference_npz(tmp_path, monkeypatch, capsys):
     # FID of the same images against their own statistics is 0 (arr_0 holds other images)
     torch.manual_seed(0)
     model = TinyInception().eval()
-    monkeypatch.setattr(fid, "load_inception", lambda path=None: model)
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, resize="tf1": model)
     rng = np.random.default_rng(0)
     images, others = rng.integers(0, 256, (2, 20, 16, 16, 3), dtype=np.uint8)
     mu, sigma = fid.compute_statistics(images, model, batch_size=8, progress=False)
