@@ -539,8 +539,8 @@ def load_source(path):
                     return npz[mu], npz[sigma]
             if "arr_0" in npz.files:
                 return npz_array(path, "arr_0")
-    raise ValueError(f"{path}: expected an npz with mu and sigma or with uint8 arr_0 [N, H, W, C], "
-                     f"or a folder of PNG/JPEG images")
+    raise ValueError(f"{path}: expected an npz with mu and sigma (or ref_mu and ref_sigma) or with uint8 arr_0 "
+                     "[N, H, W, C], or a folder of PNG/JPEG images")
 
 
 def main(argv=None):
