@@ -11,6 +11,7 @@ import torch
 
 import train
 from convnext import ConvNeXtV2
+from data import random_resized_crop
 from model import DiT_models
 from vae import AutoencoderKL
 
@@ -173,10 +174,14 @@ def test_pixel_run_with_convnext_trains(tmp_path, monkeypatch):
     mae = train.main(["--stage", "mae", "--dataset", "imagenet_pixels", "--data", str(tmp_path), "--model", "tiny",
                       "--steps", "1", "--batch_size", "4", "--out", str(tmp_path / "mae")])
     assert mae.input_patch_size == 8
+    seen = []  # the reals are random-resized crops, as the official pixel configs' (use_aug)
+    crop = lambda x, a: seen.append((x.shape, a)) or random_resized_crop(x, a)  # noqa: E731
+    monkeypatch.setattr(train, "random_resized_crop", crop)
     model = train.main([*TINY_GEN, "--dataset", "imagenet_pixels", "--data", str(tmp_path), "--model", "T/16",
                         "--encoder", str(tmp_path / "mae" / "ckpt.pt"), "--convnext", "base",
                         "--out", str(tmp_path / "run"), "--steps", "2"])
     assert model.patch_size == 16 and all(p.isfinite().all() for p in model.parameters())
+    assert seen == [((2 * (4 + 2), 3, 256, 256), 0.2)] * 2  # 2 classes x (4 positives + 2 unconditional), 2 steps
 
 
 def test_missing_data_is_one_clear_error(tmp_path):

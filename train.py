@@ -124,7 +124,8 @@ def get_args(argv=None):
     p.add_argument("--batch_size", type=int, default=8192, help="mae: global batch")
     p.add_argument("--mask_ratio", type=float, default=0.5, help="mae: share of 2x2 patches hidden")
     p.add_argument("--crop_min", type=float, default=0.2,
-                   help="mae: RandomResizedCrop min area (1: no crop); latents: of the image, then encoded")
+                   help="RandomResizedCrop min area (1: no crop) of the MAE's images (latents: of the image, then "
+                   "encoded) and of the pixel generator's reals (imagenet_pixels)")
     p.add_argument("--cls_steps", type=int, default=0, help="mae: classification fine-tune over the last N steps")
     p.add_argument("--cls_warmup", type=int, default=1000, help="mae: steps to ramp lambda_cls from 0")
     p.add_argument("--lambda_cls", type=float, default=0.1, help="mae: final weight of the classification loss")
@@ -465,6 +466,8 @@ def main(argv=None):
             unc = global_queue.draw(torch.zeros_like(classes), args.n_unc, shared)  # (Nc, N_unc)
             mine = slice(rank * nc, (rank + 1) * nc)  # this rank's class groups
             x_real = data.fetch(torch.cat([pos[mine], unc[mine]], dim=1).flatten())  # (nc*(N_pos+N_unc), C, H, W)
+            if args.dataset == "imagenet_pixels" and args.crop_min < 1:  # as the official pixel configs (use_aug)
+                x_real = random_resized_crop(x_real, args.crop_min)
             classes, alpha = classes[mine].to(device), alpha[mine].to(device)
             noise = torch.randn(nc * args.n_neg, *data.shape, device=device)
             style = torch.randint(raw_model.style_vocab, (nc * args.n_neg, raw_model.num_style_tokens), device=device)
