@@ -284,8 +284,9 @@ class DiT(nn.Module):
         """(noise (B, C, H, W), style_idx (B, S)) from one CPU generator per image seed, so image i is the
         same whatever the batch or rank split. For sampling and evaluation; training may draw on device."""
         seeds = torch.as_tensor(seeds).reshape(-1).tolist()
-        if not seeds:
-            raise ValueError("draw_inputs needs at least one seed")
+        if not seeds or not all(0 <= s < 2**32 for s in seeds):  # torch's CPU generator keeps a seed's low 32 bits
+            raise ValueError(f"draw_inputs needs seeds in [0, 2**32), got {len(seeds)} seeds from "
+                             f"{min(seeds, default=None)} to {max(seeds, default=None)}")
         noise, style = [], []
         for seed in seeds:
             gen = torch.Generator().manual_seed(int(seed))

@@ -8,10 +8,11 @@ latent models.
 
 --ckpt is our checkpoint (train.py's dict; its first EMA unless --ema DECAY or --raw) or an official
 artifact folder or name (official.load_official). Image i has class i % num_classes (or the i-th of --classes,
-cycled) and draws its noise from seed * 2**32 + i, so it is the same image whatever the number of
-GPUs or the batch size. Latent models (4 channels) are decoded as vae.decode(z / SCALE). Gray
-(1-channel) images are saved as gray PNGs and repeated to 3 channels in the npz, the layout every
-FID tool reads.
+cycled) and draws its noise from seed (i + seed * 0x9E3779B9) mod 2**32 (torch's CPU generator keeps 32
+bits; the golden-ratio stride puts the images of any two seeds below 100 over 21 million seeds apart), so it is
+the same image whatever the number of GPUs or the batch size. Latent models (4 channels) are decoded as
+vae.decode(z / SCALE). Gray (1-channel) images are saved as gray PNGs and repeated to 3 channels in the npz, the
+layout every FID tool reads.
 """
 
 import argparse
@@ -60,7 +61,7 @@ def load_generator(path, ema_decay=None, raw=False):
 def generate(model, vae, indices, classes, alpha, seed, bf16):
     """uint8 images (B, H, W, C) for global indices: one forward pass, then decode for latent models."""
     device = model.pos_embed.device
-    noise, style_idx = model.draw_inputs([seed * 2**32 + i for i in indices], device)  # (B, C, h, w), (B, S)
+    noise, style_idx = model.draw_inputs([(i + seed * 0x9E3779B9) % 2**32 for i in indices], device)  # (B, C, h, w)
     labels = torch.tensor([classes[i % len(classes)] for i in indices], device=device)
     alphas = torch.full((len(indices),), alpha, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -96,7 +97,8 @@ def main(argv=None):
     weights.add_argument("--raw", action="store_true", help="the raw (non-EMA) weights instead")
     parser.add_argument("--alpha", type=float, default=1.0, help="CFG scale fed to the generator (1 = no guidance)")
     parser.add_argument("--classes", default="", help="comma-separated class ids to cycle (default: all classes)")
-    parser.add_argument("--seed", type=int, default=0, help="image i uses noise seed seed * 2**32 + i")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="image i draws its noise from seed (i + seed * 0x9E3779B9) mod 2**32")
     parser.add_argument("--num_samples", type=int, default=0, help="write this many PNGs to --out and pack an npz")
     parser.add_argument("--out", default="samples", help="PNG folder; the npz is written as {out}.npz")
     parser.add_argument("--grid", default="grid.png", help="PNG grid of the first --grid_size images ('' = none)")

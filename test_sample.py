@@ -277,6 +277,21 @@ def test_sample_picks_the_requested_weights(tmp_path):
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+def test_other_seed_other_images_same_seed_same_images(tmp_path, tiny_vae_dir):
+    # --seed reaches the noise (it once moved only bits that torch's 32-bit generator seed drops)
+    ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    a, b = (run_sample(tmp_path, ckpt, tiny_vae_dir, f"s{s}", "--num_samples", "3", "--seed", s) for s in "01")
+    assert not (a == b).all(axis=(1, 2, 3)).any()  # no image repeats under the other seed
+    assert np.array_equal(run_sample(tmp_path, ckpt, tiny_vae_dir, "again", "--num_samples", "3"), a)
+
+
+def test_draw_inputs_rejects_seeds_beyond_32_bits():
+    # torch's CPU generator would silently drop the high bits
+    model = sample.build_generator({"model": "T/2", "input_size": 8, "in_channels": 4, "num_classes": 10})
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        model.draw_inputs([2**32])
+
+
 def test_sample_two_ranks_give_the_same_images_as_one(tmp_path, tiny_vae_dir, two_ranks):
     # seeds follow the global index: a 2-process gloo run packs the same npz as a 1-process run
     ckpt = tiny_checkpoint(tmp_path / "c.pt")
