@@ -178,11 +178,11 @@ phases = {"generator fwd+bwd (3x)": generator_fwd_bwd, "encoder on real, fwd": e
 if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
 step_time, step_host = timed(train_step)
-memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "n/a"
 peak = peak_flops(device)
 mfu = f"{100 * model_flops / step_time / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 dense" if peak else "n/a"
 print(f"whole step: {1e3 * step_time:.1f} ms (host {1e3 * step_host:.1f} ms), {n_gen / step_time:.0f} generated "
-      f"img/s per GPU | MFU {mfu} | peak memory {memory:.1f} GiB", flush=True)  # first: the parts may run out of time
+      f"img/s per GPU | MFU {mfu} | peak memory {memory}", flush=True)  # first: the parts may run out of time
 if args.profile:  # where a step's time goes: GPU kernels by total time, and the host time of the ops
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
@@ -208,4 +208,4 @@ for part, fn in phases.items():
 print(f"{'sum of parts':40s} {'':10s} {1e3 * sum(times.values()):9.2f}")
 print(f"{'whole step':40s} {model_flops / 1e9:10.1f} {1e3 * step_time:9.2f} {model_flops / step_time / 1e12:9.1f} "
       f"{1e3 * step_host:9.2f}")
-print(f"{n_gen / step_time:.0f} generated img/s per GPU | MFU {mfu} | peak memory {memory:.1f} GiB")
+print(f"{n_gen / step_time:.0f} generated img/s per GPU | MFU {mfu} | peak memory {memory}")
