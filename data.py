@@ -209,9 +209,8 @@ def crop_boxes(B, min_area, generator=None, device=None, attempts=10):
     ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:-1, 1])
     w, h = (area * ratio).sqrt(), (area / ratio).sqrt()  # (attempts, B)
     fits = (w <= 1) & (h <= 1)
-    first = fits.int().argmax(dim=0, keepdim=True)  # the first draw that fits
-    w = torch.where(fits.any(0), w.gather(0, first)[0], 1.0)
-    h = torch.where(fits.any(0), h.gather(0, first)[0], 1.0)
+    first, some = fits.int().argmax(dim=0, keepdim=True), fits.any(0)  # the first draw that fits, if any does
+    w, h = (torch.where(some, t.gather(0, first)[0], 1.0) for t in (w, h))
     return w, h, (1 - w) * u[-1, 0] + w / 2, (1 - h) * u[-1, 1] + h / 2
 
 
