@@ -67,11 +67,6 @@ def download_fmnist(root):
                       "dataset-fashion-mnist` and pass --data /usr/share/datasets/fashion-mnist")
 
 
-def posterior_sample(moments):
-    """One sample of the SD-VAE posterior from its [mean, std] moments (B, 2, C, H, W): the training latent."""
-    return moments[:, 0] + moments[:, 1] * torch.randn_like(moments[:, 0])
-
-
 class Data:
     """A labelled set in one array: small image sets as a uint8 (N, C, 32, 32) tensor on the device (no loader),
     ImageNet caches as memory-mapped numpy arrays read per batch. fetch(ids) -> float model inputs on `device`."""
@@ -96,7 +91,7 @@ class Data:
             images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
             labels = np.concatenate([b[b"labels"] for b in batches])
         else:
-            kind = "pixels" if name == "imagenet_pixels" else "moments"
+            kind = "pixels" if name == "imagenet_pixels" else "latents"
             path, label_path = (os.path.join(root, f"{split}_{k}.npy") for k in (kind, "labels"))
             if not (os.path.exists(path) and os.path.exists(label_path)):
                 raise ValueError(f"{root}: expected {os.path.basename(path)} and {split}_labels.npy "
@@ -109,8 +104,8 @@ class Data:
             self.labels = self.labels.to(device)
             self.shape = tuple(self.images.shape[1:])
         else:
-            self.images = images  # memmap: (N, 2 flips, 2 [mean, std], 4, 32, 32) float16 or (N, 256, 256, 3) uint8
-            self.shape = images.shape[3:] if name == "imagenet" else (3, *images.shape[1:3])
+            self.images = images  # memmap: (N, 2 flips, 4, 32, 32) float16 latents or (N, 256, 256, 3) uint8
+            self.shape = images.shape[2:] if name == "imagenet" else (3, *images.shape[1:3])
         if len(self.labels) != len(images):
             raise ValueError(f"{root}: {len(images)} images but {len(self.labels)} labels")
 
@@ -120,10 +115,9 @@ class Data:
     def fetch(self, ids):
         """(B,) item ids on self.labels.device -> (B, C, H, W) float on self.device."""
         index, flip = ids // 2, (ids % 2).bool()
-        if self.name == "imagenet":  # a fresh posterior sample each time, of the flipped image when flip
-            moments = self.images[index.cpu().numpy(), flip.long().cpu().numpy()]  # (B, 2, 4, 32, 32)
-            moments = torch.from_numpy(moments).to(self.device).float()
-            return posterior_sample(moments)
+        if self.name == "imagenet":  # the cached latent, of the flipped image when flip
+            latents = self.images[index.cpu().numpy(), flip.long().cpu().numpy()]  # (B, 4, 32, 32)
+            return torch.from_numpy(latents).to(self.device).float()
         if self.name == "imagenet_pixels":
             x = torch.from_numpy(self.images[index.cpu().numpy()]).to(self.device).permute(0, 3, 1, 2)
             flip = flip.to(self.device)
@@ -164,17 +158,19 @@ class Stream:
 
 class SampleQueue:
     """Per-class FIFO of item ids (SPEC 7; official memory_bank.py): push appends, evicting the oldest, and
-    draw samples without replacement. Ids rather than tensors keep it tiny: images are fetched at draw time
-    (and latents sampled fresh from their posterior). One extra trash column absorbs the writes of items
-    that a single push both adds and evicts, so pushes never sync with the host."""
+    draw samples without replacement. Ids rather than tensors keep it tiny: images are fetched at draw time. Each
+    id may carry `extra` floats that travel with it (the crop box it was pushed with). One extra trash column
+    absorbs the writes of items that a single push both adds and evicts, so pushes never sync with the host."""
 
-    def __init__(self, num_classes, size, device):
+    def __init__(self, num_classes, size, device, extra=0):
         self.size = size
         self.ids = torch.zeros(num_classes, size + 1, dtype=torch.long, device=device)
+        self.extra = torch.zeros(num_classes, size + 1, extra, device=device)
         self.head = torch.zeros(num_classes, dtype=torch.long, device=device)   # next slot to write
         self.count = torch.zeros(num_classes, dtype=torch.long, device=device)  # valid entries
 
-    def push(self, ids, labels):
+    def push(self, ids, labels, extra=None):
+        """ids (B,) of classes labels (B,), each with extra[i] (B, E) when the queue keeps E > 0 floats an id."""
         labels, order = labels.sort(stable=True)  # group by class, keeping arrival order within a class
         ids = ids[order]
         per_class = torch.bincount(labels, minlength=len(self.count))
@@ -183,21 +179,25 @@ class SampleQueue:
         survives = rank_in_class >= per_class[labels] - self.size  # only a class's newest `size` items stay
         slot = torch.where(survives, (self.head[labels] + rank_in_class) % self.size, self.size)
         self.ids[labels, slot] = ids
+        if extra is not None:
+            self.extra[labels, slot] = extra[order]
         self.head = (self.head + per_class) % self.size
         self.count = (self.count + per_class).clamp(max=self.size)
 
     def draw(self, labels, n, generator):
-        """(len(labels), n) ids; each row without replacement from its class's queue (needs count >= n)."""
+        """ids (len(labels), n) and their extra (len(labels), n, E); each row without replacement from its class's
+        queue (needs count >= n)."""
         keys = torch.rand(len(labels), self.size, generator=generator, device=self.ids.device)
         valid = torch.arange(self.size, device=keys.device) < self.count[labels, None]
         slots = keys.masked_fill(~valid, 2.0).argsort(dim=1)[:, :n]  # random valid slots first
-        return self.ids[labels[:, None], slots]
+        return self.ids[labels[:, None], slots], self.extra[labels[:, None], slots]
 
     def state_dict(self):
-        return {"ids": self.ids, "head": self.head, "count": self.count}
+        return {"ids": self.ids, "extra": self.extra, "head": self.head, "count": self.count}
 
     def load_state_dict(self, state):
-        self.ids, self.head, self.count = (state[k].to(self.ids.device) for k in ("ids", "head", "count"))
+        self.ids, self.extra, self.head, self.count = (state[k].to(self.ids.device)
+                                                       for k in ("ids", "extra", "head", "count"))
 
 
 def crop_boxes(B, min_area, generator=None, device=None, attempts=10):
@@ -216,9 +216,14 @@ def crop_boxes(B, min_area, generator=None, device=None, attempts=10):
 
 def random_resized_crop(x, min_area, generator=None):
     """torchvision's RandomResizedCrop(scale=(min_area, 1), ratio=(3/4, 4/3), bicubic) on a batch of square images
-    in [-1, 1] (crop_boxes), resampled to the input's size as one bicubic grid_sample, clamped to [-1, 1] as PIL's
-    uint8 output is (torch's bicubic kernel has a = -0.75, PIL's -0.5)."""
-    w, h, cx, cy = crop_boxes(x.shape[0], min_area, generator, x.device)
+    in [-1, 1]: resized_crop with crop_boxes."""
+    return resized_crop(x, *crop_boxes(x.shape[0], min_area, generator, x.device))
+
+
+def resized_crop(x, w, h, cx, cy):
+    """Crops (w, h, cx, cy as crop_boxes gives them) of square images x in [-1, 1], resampled to the input's size as
+    one bicubic grid_sample, clamped to [-1, 1] as PIL's uint8 output is (torch's bicubic kernel has a = -0.75,
+    PIL's -0.5)."""
     theta = torch.zeros(x.shape[0], 2, 3, device=x.device)
     theta[:, 0, 0], theta[:, 1, 1] = w, h
     theta[:, 0, 2], theta[:, 1, 2] = 2 * cx - 1, 2 * cy - 1  # crop centre in [-1, 1] coordinates

@@ -523,9 +523,9 @@ def npz_array(path, key):
 
 
 def load_source(path):
-    """-> (mu, sigma) for a statistics npz (mu/sigma, or ref_mu/ref_sigma as the official release's file; ADM
-    reference batches carry arr_0 too: the statistics win), else images: a uint8 array [N, H, W, C] (arr_0) or a
-    sorted list of image files."""
+    """-> (mu, sigma) for a statistics npz (ref_mu/ref_sigma as the official release's file, else mu/sigma, in the
+    release's order; ADM reference batches carry arr_0 too: the statistics win), else images: a uint8 array
+    [N, H, W, C] (arr_0) or a sorted list of image files."""
     if os.path.isdir(path):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
                        if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
@@ -534,13 +534,13 @@ def load_source(path):
         return files
     if path.endswith(".npz"):
         with np.load(path) as npz:
-            for mu, sigma in (("mu", "sigma"), ("ref_mu", "ref_sigma")):
+            for mu, sigma in (("ref_mu", "ref_sigma"), ("mu", "sigma")):
                 if mu in npz.files and sigma in npz.files:
                     return npz[mu], npz[sigma]
             if "arr_0" in npz.files:
                 return npz_array(path, "arr_0")
-    raise ValueError(f"{path}: expected an npz with mu and sigma (or ref_mu and ref_sigma) or with uint8 arr_0 "
-                     "[N, H, W, C], or a folder of PNG/JPEG images")
+    raise ValueError(f"{path}: expected an npz with ref_mu and ref_sigma (or mu and sigma) or with uint8 "
+                     "arr_0 [N, H, W, C], or a folder of PNG/JPEG images")
 
 
 def main(argv=None):

@@ -48,7 +48,8 @@ def rope_tables(seq_len, head_dim, dtype=torch.float32):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE on x (B, T, heads, hd), computed in float32 as the official release does."""
+    """Rotate-half RoPE on x (B, T, heads, hd), computed in float32 as the official release does where it computes
+    attention in float32 (attn_fp32; its latent B/2 and L/2 compute both in bf16: README)."""
     x32 = x.float()
     x1, x2 = x32.chunk(2, dim=-1)
     return (x32 * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)

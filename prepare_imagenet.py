@@ -1,6 +1,6 @@
 """
-Cache ImageNet for training: ADM center crop, then SD-VAE posterior moments of each image and of
-its horizontal flip (or, with --pixels, the uint8 crops), in memory-mappable .npy arrays.
+Cache ImageNet for training: ADM center crop, then one SD-VAE latent of each image and of its
+horizontal flip (or, with --pixels, the uint8 crops), in memory-mappable .npy arrays.
 
     torchrun --nproc_per_node 8 prepare_imagenet.py --data_path /data/imagenet --out data/imagenet
     python prepare_imagenet.py --data_path /data/imagenet --out data/imagenet --pixels
@@ -10,20 +10,19 @@ class, classes numbered in sorted order, files sorted within a class. Files in -
 in the split, S = image_size (256), s = S/8 (32):
 
     {split}_labels.npy   int64   [N]                  class index of image i
-    {split}_moments.npy  float16 [N, 2, 2, 4, s, s]   [i, f, 0] = mean, [i, f, 1] = std of the VAE
-                                                      posterior of image i (f=0) or of its
-                                                      horizontal flip (f=1), both already times
-                                                      vae.SCALE: a training latent is
-                                                      m[i, f, 0] + m[i, f, 1] * randn (32 KiB/image;
-                                                      train: 1,281,167 images, 42 GB)
+    {split}_latents.npy  float16 [N, 2, 4, s, s]      [i, f] = the latent of image i (f=0) or of its
+                                                      horizontal flip (f=1): mean + std * eps of the VAE
+                                                      posterior, times vae.SCALE; eps drawn from seed i,
+                                                      the same for both flips (16 KiB/image; train:
+                                                      1,281,167 images, 21 GB)
     {split}_pixels.npy   uint8   [N, S, S, 3]         with --pixels: the crops, HWC (252 GB for train)
-    {split}_{moments|pixels}.done{rank}                progress: one "lo hi" line per finished range
+    {split}_{latents|pixels}.done{rank}                progress: one "lo hi" line per finished range
 
 Read them with np.load(path, mmap_mode="r"). Each rank writes disjoint index ranges into the one
 shared array, so run all ranks on one host (or a filesystem with coherent shared mmap). A rerun
 skips every range listed in any progress file, whatever the world size or batch size was.
-The official cache (dataset/latent.py) stores one sampled latent per image and flip; we keep the
-moments so that training draws a fresh sample each time, as REPA and MeanFlow do.
+As the official cache (dataset/latent.py): one posterior sample per image and flip, drawn once, its
+noise shared by the image and its flip; training reads these latents as they are.
 """
 
 import argparse
@@ -36,7 +35,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from vae import load_vae, scaled_moments
+from vae import encode_latents, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -98,7 +97,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output folder for the .npy arrays")
     parser.add_argument("--splits", default="train,val", help="comma-separated subfolders of --data_path")
     parser.add_argument("--image_size", type=int, default=256, help="center-crop size")
-    parser.add_argument("--pixels", action="store_true", help="cache the uint8 crops instead of VAE moments")
+    parser.add_argument("--pixels", action="store_true", help="cache the uint8 crops instead of VAE latents")
     parser.add_argument("--vae", default="mse", help="load_vae argument (ema and mse share the encoder)")
     parser.add_argument("--batch_size", type=int, default=64, help="images per rank per step")
     parser.add_argument("--num_workers", type=int, default=8, help="DataLoader workers decoding JPEGs")
@@ -117,7 +116,7 @@ def main(argv=None):
     vae = None if args.pixels else load_vae(args.vae).to(device)
     if vae is not None and device.type == "cuda" and not args.no_compile:  # ~1.8x the images a second (README)
         vae.encoder.forward = torch.compile(vae.encoder.forward)
-    kind = "pixels" if args.pixels else "moments"
+    kind = "pixels" if args.pixels else "latents"
     os.makedirs(args.out, exist_ok=True)
 
     for split in args.splits.split(","):
@@ -127,7 +126,7 @@ def main(argv=None):
             shape, dtype = (n, size, size, 3), np.uint8
         else:
             side = size // vae.downsample
-            shape, dtype = (n, 2, 2, vae.post_quant_conv.in_channels, side, side), np.float16
+            shape, dtype = (n, 2, vae.post_quant_conv.in_channels, side, side), np.float16
         path, progress = os.path.join(args.out, f"{split}_{kind}.npy"), os.path.join(args.out, f"{split}_{kind}.done")
         if rank == 0:
             np.save(os.path.join(args.out, f"{split}_labels.npy"), labels)
@@ -150,9 +149,10 @@ def main(argv=None):
                     array[lo:hi] = crops.numpy()
                 else:
                     x = crops.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
-                    with torch.no_grad():
-                        moments = scaled_moments(vae, torch.cat([x, x.flip(3)]))  # (2B, 2, 4, s, s)
-                    array[lo:hi] = moments.unflatten(0, (2, -1)).transpose(0, 1).cpu().numpy()
+                    eps = torch.stack([torch.randn(shape[2:], generator=torch.Generator().manual_seed(i))
+                                       for i in range(lo, hi)])  # image i's noise, whatever the ranks or batches
+                    latents = encode_latents(vae, torch.cat([x, x.flip(3)]), torch.cat([eps, eps]))  # (2B, 4, s, s)
+                    array[lo:hi] = latents.unflatten(0, (2, -1)).transpose(0, 1).cpu().numpy()
                 array.flush()  # data on disk before the range is marked done
                 log.write(f"{lo} {hi}\n")
                 log.flush()

@@ -18,7 +18,7 @@ def test_queue_draw_has_no_duplicates_and_stays_in_class():
     q = SampleQueue(3, 8, "cpu")
     ids = torch.arange(24)
     q.push(ids, ids % 3)
-    rows = q.draw(torch.tensor([0, 1, 2, 2]), 8, torch.Generator().manual_seed(0))
+    rows, _ = q.draw(torch.tensor([0, 1, 2, 2]), 8, torch.Generator().manual_seed(0))
     assert all(len(set(r.tolist())) == 8 and set(r.remainder(3).tolist()) == {c} for r, c in zip(rows, [0, 1, 2, 2]))
 
 
@@ -27,25 +27,35 @@ def test_queue_evicts_oldest_first():
     q = SampleQueue(1, 8, "cpu")
     for chunk in (torch.arange(0, 3), torch.arange(3, 15), torch.arange(15, 21)):
         q.push(chunk, torch.zeros_like(chunk))
-    assert sorted(q.draw(torch.tensor([0]), 8, torch.Generator())[0].tolist()) == list(range(13, 21))
+    assert sorted(q.draw(torch.tensor([0]), 8, torch.Generator())[0][0].tolist()) == list(range(13, 21))
 
 
 def test_queue_draws_only_filled_slots():
     # a queue holding 3 items draws exactly those 3
     q = SampleQueue(2, 8, "cpu")
     q.push(torch.tensor([5, 6, 7]), torch.tensor([1, 1, 1]))
-    assert sorted(q.draw(torch.tensor([1]), 3, torch.Generator())[0].tolist()) == [5, 6, 7]
+    assert sorted(q.draw(torch.tensor([1]), 3, torch.Generator())[0][0].tolist()) == [5, 6, 7]
 
 
-def test_latent_cache_fetch_picks_flip_and_samples(tmp_path):
-    # with zero std the posterior sample is the stored mean, of the flipped image for odd item ids
-    moments = np.zeros((3, 2, 2, 4, 32, 32), dtype=np.float16)
-    moments[:, 1, 0] = 1.0  # mean of the flipped image
-    np.save(tmp_path / "train_moments.npy", moments)
+def test_queue_extra_travels_with_its_id():
+    # each id comes out of a draw with the floats it was pushed with, through class sorting and eviction
+    q = SampleQueue(2, 4, "cpu", extra=2)
+    for chunk in (torch.arange(0, 6), torch.arange(6, 15)):
+        q.push(chunk, chunk % 2, torch.stack([chunk.float(), -chunk.float()], 1))
+    ids, extra = q.draw(torch.tensor([0, 1]), 4, torch.Generator().manual_seed(0))
+    assert sorted(ids[1].tolist()) == [7, 9, 11, 13] and torch.equal(extra, torch.stack([ids, -ids], 2).float())
+
+
+def test_latent_cache_fetch_picks_flip(tmp_path):
+    # item 2i is image i's cached latent, item 2i+1 its flip's, as stored (no sampling at fetch)
+    latents = np.random.default_rng(0).standard_normal((3, 2, 4, 32, 32)).astype(np.float16)
+    np.save(tmp_path / "train_latents.npy", latents)
     np.save(tmp_path / "train_labels.npy", np.array([0, 1, 2]))
     data = Data("imagenet", str(tmp_path), "train", "cpu")
-    x = data.fetch(torch.tensor([0, 3]))  # image 0 as is, image 1 flipped
-    assert data.shape == (4, 32, 32) and x[0].eq(0).all() and x[1].eq(1).all()
+    x = data.fetch(torch.tensor([0, 3, 3]))  # image 0 as is, image 1 flipped, twice
+    assert data.shape == (4, 32, 32) and x.dtype == torch.float32
+    assert torch.equal(x[0], torch.from_numpy(latents[0, 0]).float())
+    assert torch.equal(x[1], torch.from_numpy(latents[1, 1]).float()) and torch.equal(x[1], x[2])
 
 
 def test_pixel_cache_fetch_flips(tmp_path):

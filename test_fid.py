@@ -141,8 +141,9 @@ def test_half_pixel_resize_is_the_official_releases():
 
 
 def test_official_reference_statistics_load(tmp_path):
-    # the release's imagenet_256_fid_stats.npz names its statistics ref_mu and ref_sigma
-    np.savez(tmp_path / "ref.npz", ref_mu=np.arange(4.0), ref_sigma=np.eye(4))
+    # the release's imagenet_256_fid_stats.npz names its statistics ref_mu and ref_sigma; they win over mu and
+    # sigma, as in the release's loader
+    np.savez(tmp_path / "ref.npz", ref_mu=np.arange(4.0), ref_sigma=np.eye(4), mu=np.zeros(4), sigma=np.zeros((4, 4)))
     mu, sigma = fid.load_source(str(tmp_path / "ref.npz"))
     assert np.array_equal(mu, np.arange(4.0)) and np.array_equal(sigma, np.eye(4))
 

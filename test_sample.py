@@ -191,42 +191,44 @@ def run_prepare(root, vae_dir, *extra):
                            "--image_size", "32", "--vae", vae_dir, "--batch_size", "2", "--num_workers", "0", *extra])
 
 
-def expected_moments(vae_dir, files):
+def expected_latents(vae_dir, files):
     model = vae.load_vae(vae_dir)
     crops = np.stack([prepare_imagenet.center_crop(Image.open(f), 32) for f in files])
     x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
+    eps = torch.stack([torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(len(files))])
     out = []
     with torch.no_grad():
         for image in (x, x.flip(3)):
             mean, logvar = model.encode(image)
-            out.append(torch.stack([mean, (0.5 * logvar).exp()], 1) * vae.SCALE)
-    return torch.stack(out, 1).numpy()  # (N, 2, 2, 4, 16, 16)
+            out.append((mean + (0.5 * logvar).exp() * eps) * vae.SCALE)
+    return torch.stack(out, 1).numpy()  # (N, 2, 4, 16, 16)
 
 
 def test_prepare_imagenet_writes_documented_layout(jpeg_folder, tiny_vae_dir):
-    # moments [N, flip, (mean, std), 4, s, s] float16 of image and flipped image; labels in sorted-class order
+    # latents [N, flip, 4, s, s] float16 of image and flipped image, one posterior sample each with image i's noise
+    # from seed i (the same for both flips, as the official cache); labels in sorted-class order
     run_prepare(jpeg_folder, tiny_vae_dir)
-    moments = np.load(jpeg_folder / "out" / "train_moments.npy", mmap_mode="r")
+    latents = np.load(jpeg_folder / "out" / "train_latents.npy", mmap_mode="r")
     labels = np.load(jpeg_folder / "out" / "train_labels.npy")
     files, _ = prepare_imagenet.image_folder(str(jpeg_folder / "data" / "train"))
-    assert moments.dtype == np.float16 and moments.shape == (6, 2, 2, 4, 16, 16)
+    assert latents.dtype == np.float16 and latents.shape == (6, 2, 4, 16, 16)
     assert labels.dtype == np.int64 and labels.tolist() == [0, 0, 0, 1, 1, 1] and "n01" in files[0]
-    np.testing.assert_allclose(moments, expected_moments(tiny_vae_dir, files), rtol=2e-3, atol=1e-4)
+    np.testing.assert_allclose(latents, expected_latents(tiny_vae_dir, files), rtol=2e-3, atol=1e-4)
 
 
 def test_prepare_imagenet_resume_redoes_only_unfinished_ranges(jpeg_folder, tiny_vae_dir):
     # ranges listed as done are skipped; a range missing from the progress file is recomputed
     run_prepare(jpeg_folder, tiny_vae_dir)
-    progress = jpeg_folder / "out" / "train_moments.done0"
+    progress = jpeg_folder / "out" / "train_latents.done0"
     lines = progress.read_text().splitlines()
     assert lines == ["0 2", "2 4", "4 6"]
     progress.write_text("0 2\n4 6\n")  # as if the run had stopped before finishing [2, 4)
-    moments = np.load(jpeg_folder / "out" / "train_moments.npy", mmap_mode="r+")
-    good = np.array(moments[2:4])
-    moments[:] = 7.0
-    moments.flush()
+    latents = np.load(jpeg_folder / "out" / "train_latents.npy", mmap_mode="r+")
+    good = np.array(latents[2:4])
+    latents[:] = 7.0
+    latents.flush()
     run_prepare(jpeg_folder, tiny_vae_dir)
-    after = np.load(jpeg_folder / "out" / "train_moments.npy")
+    after = np.load(jpeg_folder / "out" / "train_latents.npy")
     assert (after[:2] == 7).all() and (after[4:] == 7).all() and np.array_equal(after[2:4], good)
 
 

@@ -11,7 +11,7 @@ import torch
 
 import train
 from convnext import ConvNeXtV2
-from data import random_resized_crop
+from data import resized_crop
 from model import DiT_models
 from vae import AutoencoderKL
 
@@ -135,7 +135,7 @@ def test_two_process_gloo_run_stays_in_sync(fmnist, mae_ckpt, tmp_path):
 def test_latent_cache_trains(tmp_path):
     # the generator stage runs on a (random) latent cache laid out as prepare_imagenet.py writes it
     rng = np.random.default_rng(0)
-    np.save(tmp_path / "train_moments.npy", rng.standard_normal((40, 2, 2, 4, 32, 32)).astype(np.float16))
+    np.save(tmp_path / "train_latents.npy", rng.standard_normal((40, 2, 4, 32, 32)).astype(np.float16))
     np.save(tmp_path / "train_labels.npy", np.arange(40) % 4)
     model = train.main([*TINY_GEN, "--dataset", "imagenet", "--data", str(tmp_path), "--encoder", "none",
                         "--out", str(tmp_path / "run"), "--steps", "1"])
@@ -147,7 +147,7 @@ def test_latent_mae_encodes_crops_of_the_images(tmp_path, monkeypatch):
     # crops of the images (a small random VAE here); without the pixel cache, one clear error, and
     # --crop_min 1 trains on the cached latents alone
     rng = np.random.default_rng(0)
-    np.save(tmp_path / "train_moments.npy", rng.standard_normal((8, 2, 2, 4, 32, 32)).astype(np.float16))
+    np.save(tmp_path / "train_latents.npy", rng.standard_normal((8, 2, 4, 32, 32)).astype(np.float16))
     np.save(tmp_path / "train_labels.npy", np.arange(8) % 2)
     mae = ["--stage", "mae", "--dataset", "imagenet", "--data", str(tmp_path), "--model", "tiny", "--steps", "1",
            "--batch_size", "4", "--out", str(tmp_path / "mae")]
@@ -174,14 +174,16 @@ def test_pixel_run_with_convnext_trains(tmp_path, monkeypatch):
     mae = train.main(["--stage", "mae", "--dataset", "imagenet_pixels", "--data", str(tmp_path), "--model", "tiny",
                       "--steps", "1", "--batch_size", "4", "--out", str(tmp_path / "mae")])
     assert mae.input_patch_size == 8
-    seen = []  # the reals are random-resized crops, as the official pixel configs' (use_aug)
-    crop = lambda x, a: seen.append((x.shape, a)) or random_resized_crop(x, a)  # noqa: E731
-    monkeypatch.setattr(train, "random_resized_crop", crop)
+    seen = []  # the reals are random-resized crops, as the official pixel configs' (use_aug), of boxes drawn at push
+    crop = lambda x, *box: seen.append((x.shape, box)) or resized_crop(x, *box)  # noqa: E731
+    monkeypatch.setattr(train, "resized_crop", crop)
     model = train.main([*TINY_GEN, "--dataset", "imagenet_pixels", "--data", str(tmp_path), "--model", "T/16",
                         "--encoder", str(tmp_path / "mae" / "ckpt.pt"), "--convnext", "base",
                         "--out", str(tmp_path / "run"), "--steps", "2"])
     assert model.patch_size == 16 and all(p.isfinite().all() for p in model.parameters())
-    assert seen == [((2 * (4 + 2), 3, 256, 256), 0.2)] * 2  # 2 classes x (4 positives + 2 unconditional), 2 steps
+    assert [x for x, _ in seen] == [(2 * (4 + 2), 3, 256, 256)] * 2  # 2 classes x (4 positives + 2 unc), 2 steps
+    w, h = torch.stack([torch.stack(box) for _, box in seen]).unbind(1)[:2]  # crop_boxes' draws: area in [0.2, 1]
+    assert ((w * h > 0.2 - 1e-6) & (w * h <= 1)).all() and (w * h < 1).any()
 
 
 def test_missing_data_is_one_clear_error(tmp_path):

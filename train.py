@@ -37,11 +37,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import drift
 import fid
 from convnext import load_convnext_v2
-from data import Data, SampleQueue, Stream, download_fmnist, random_resized_crop
+from data import Data, SampleQueue, Stream, crop_boxes, download_fmnist, random_resized_crop, resized_crop
 from model import DiT_models, MAE_models
 from official import load_official
 from sample import generate, make_grid, save_png
-from vae import load_vae, sample_latents
+from vae import encode_latents, load_vae
 
 # Table 8, ablation column. The MAE stage follows configs/mae/latent_ablation_256.yaml (192 epochs of 8192).
 STAGE_DEFAULTS = {
@@ -342,8 +342,16 @@ def main(argv=None):
                             weight_decay=args.weight_decay, fused=device.type == "cuda")
     start_step, cursor = 0, 0
     if gen_stage:
-        class_queue = SampleQueue(data.num_classes, args.queue_size, qdev)
-        global_queue = SampleQueue(1, args.global_queue_size, qdev)
+        # pixel reals are random-resized crops, as the official pixel configs' (use_aug): each cropped once, when
+        # pushed (its box kept with its id, the same box in both queues), and drawn as that crop while it stays
+        crop_reals = args.dataset == "imagenet_pixels" and args.crop_min < 1
+        class_queue = SampleQueue(data.num_classes, args.queue_size, qdev, extra=4 if crop_reals else 0)
+        global_queue = SampleQueue(1, args.global_queue_size, qdev, extra=4 if crop_reals else 0)
+
+        def push(ids, generator):
+            boxes = torch.stack(crop_boxes(len(ids), args.crop_min, generator, qdev), 1) if crop_reals else None
+            class_queue.push(ids, data.labels[ids // 2], boxes)
+            global_queue.push(ids, torch.zeros_like(ids), boxes)
         if args.n_pos > args.queue_size or args.n_unc > args.global_queue_size:
             raise ValueError("--n_pos / --n_unc cannot exceed --queue_size / --global_queue_size (no replacement)")
 
@@ -369,11 +377,11 @@ def main(argv=None):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         print0(f"resumed from {args.resume} at step {start_step}")
     elif gen_stage:  # fill every class queue (and the global one) before the first step
+        fill = torch.Generator(qdev).manual_seed(2**62 + args.seed)  # its crops: a stream apart from the steps'
         while cursor < len(data) and (int(class_queue.count.min()) < args.queue_size
                                       or int(global_queue.count[0]) < args.global_queue_size):
             ids = stream.take(cursor, min(4096, len(data))).to(qdev)
-            class_queue.push(ids, data.labels[ids // 2])
-            global_queue.push(ids, torch.zeros_like(ids))
+            push(ids, fill)
             cursor += len(ids)
         if int(class_queue.count.min()) < args.n_pos:
             raise ValueError(f"some class has fewer than --n_pos {args.n_pos} training images")
@@ -443,7 +451,7 @@ def main(argv=None):
     step, t_last, t_start = start_step, None, time.perf_counter()
     model.train()
     while step < args.steps:
-        torch.manual_seed(step_seed(step, rank))  # masks, noise, posterior samples: a pure function of the step
+        torch.manual_seed(step_seed(step, rank))  # masks, noise, the MAE's VAE samples: a function of the step
         # the official warmup (optax.linear_schedule): 1e-6 at the first update, linear to --lr at update --warmup
         warm = 1e-6 + (args.lr - 1e-6) * step / args.warmup if step < args.warmup else args.lr
         lr = min(warm, args.lr * (args.steps - step) / max(1, args.cooldown))
@@ -453,21 +461,20 @@ def main(argv=None):
             # push the newest reals, then pick classes, alphas and queue draws for ALL ranks with one shared
             # generator, so the global batch is the same whatever the number of processes
             shared = torch.Generator(qdev).manual_seed(step_seed(step, -1))
-            ids = stream.take(cursor, args.push).to(qdev)
+            push(stream.take(cursor, args.push).to(qdev), shared)
             cursor += args.push
-            class_queue.push(ids, data.labels[ids // 2])
-            global_queue.push(ids, torch.zeros_like(ids))
             classes = (torch.randperm(data.num_classes, generator=shared, device=qdev)[:args.nc]
                        if args.nc <= data.num_classes else
                        torch.randint(data.num_classes, (args.nc,), generator=shared, device=qdev))
             alpha = drift.sample_alpha(args.nc, args.alpha_power, *args.alpha_range, args.alpha_p_one,
                                        generator=shared, device=qdev)
-            pos = class_queue.draw(classes, args.n_pos, shared)  # (Nc, N_pos)
-            unc = global_queue.draw(torch.zeros_like(classes), args.n_unc, shared)  # (Nc, N_unc)
+            pos, pos_boxes = class_queue.draw(classes, args.n_pos, shared)  # (Nc, N_pos), (Nc, N_pos, 0 or 4)
+            unc, unc_boxes = global_queue.draw(torch.zeros_like(classes), args.n_unc, shared)  # (Nc, N_unc), ...
             mine = slice(rank * nc, (rank + 1) * nc)  # this rank's class groups
             x_real = data.fetch(torch.cat([pos[mine], unc[mine]], dim=1).flatten())  # (nc*(N_pos+N_unc), C, H, W)
-            if args.dataset == "imagenet_pixels" and args.crop_min < 1:  # as the official pixel configs (use_aug)
-                x_real = random_resized_crop(x_real, args.crop_min)
+            if crop_reals:
+                boxes = torch.cat([pos_boxes[mine], unc_boxes[mine]], dim=1).flatten(0, 1).to(device)  # (B, 4)
+                x_real = resized_crop(x_real, *boxes.unbind(1))
             classes, alpha = classes[mine].to(device), alpha[mine].to(device)
             noise = torch.randn(nc * args.n_neg, *data.shape, device=device)
             style = torch.randint(raw_model.style_vocab, (nc * args.n_neg, raw_model.num_style_tokens), device=device)
@@ -480,7 +487,7 @@ def main(argv=None):
             cursor += args.batch_size
             labels = data.labels[ids // 2].to(device)
             if pixels is not None:  # float32 (TF32) as the cache was made (bf16 would encode 1.6x as fast: README)
-                x = sample_latents(vae, random_resized_crop(pixels.fetch(ids), args.crop_min))
+                x = encode_latents(vae, random_resized_crop(pixels.fetch(ids), args.crop_min))
             else:
                 x = data.fetch(ids)
                 x = random_resized_crop(x, args.crop_min) if args.crop_min < 1 else x

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import CACHE_DIR, download_file, posterior_sample
+from data import CACHE_DIR, download_file
 
 SCALE = 0.18215  # latent scaling factor of the SD-VAE (diffusers' class default)
 URLS = {name: f"https://huggingface.co/stabilityai/sd-vae-ft-{name}/resolve/main/diffusion_pytorch_model.safetensors"
@@ -159,21 +159,16 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
-def scaled_moments(vae, x):
-    """Images x (B, 3, H, W) in [-1, 1] -> the posterior's mean and std times SCALE, (B, 2, 4, H/8, W/8): the
-    format of prepare_imagenet.py's cache."""
-    mean, logvar = vae.encode(x)
-    return torch.stack([mean, (0.5 * logvar).exp()], 1) * SCALE
-
-
 @torch.no_grad()
-def sample_latents(vae, x, chunk=64):
-    """Images x (B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8) times SCALE, one posterior sample each, as
-    training draws them from prepare_imagenet.py's cache; encoded `chunk` images at a time (bounded memory)."""
+def encode_latents(vae, x, eps=None, chunk=64):
+    """Images x (B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8) times SCALE, one sample of each posterior:
+    mean + std * eps, eps standard normal of the latents' shape (drawn here unless given); `chunk` images at a time
+    (bounded memory)."""
     out = []
-    for part in x.split(chunk):
-        moments = scaled_moments(vae, part.float())
-        out.append(posterior_sample(moments))
+    for i in range(0, len(x), chunk):
+        mean, logvar = vae.encode(x[i:i + chunk].float())
+        noise = torch.randn_like(mean) if eps is None else eps[i:i + chunk].to(mean)
+        out.append((mean + (0.5 * logvar).exp() * noise) * SCALE)
     return torch.cat(out)
 
 
