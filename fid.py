@@ -1,9 +1,10 @@
 """
-FID and Inception Score with the TF-2015 FID-Inception, in plain PyTorch.
+FID, Inception Score, precision and recall with the TF-2015 FID-Inception, in plain PyTorch.
 
 Protocol (the one ADM's evaluator and NVIDIA's metrics use): uint8 images -> TF1 *legacy* bilinear resize
 to 299 -> (x - 128) / 128 -> pool3 features [N, 2048] in full fp32 -> float64 statistics (mu, sigma) ->
-Frechet distance. IS: softmax(pool3 @ W_fc) without the fc bias, 1008 classes, 10 splits.
+Frechet distance. IS: softmax(pool3 @ W_fc) without the fc bias, 1008 classes, 10 splits. Precision and
+recall (--pr_ref): pool3 features against reference images', k = 3 nearest neighbours, as ADM and the release.
 The official Drifting release resizes otherwise: its copy of NVIDIA's resize (utils/jax_fid/resize.py) drops
 the offset that makes it TF1's, leaving torch's half-pixel bilinear, and its reference statistics
 (imagenet_256_fid_stats.npz, from MeanFlow, keys ref_mu/ref_sigma) were made that way. --resize bilinear
@@ -14,6 +15,7 @@ References: pytorch-fid (inception.py), EDM (fid.py), openai/guided-diffusion (e
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz       # FID (+ IS of samples.npz)
     python fid.py samples.npz imagenet_256_fid_stats.npz --resize bilinear   # the official release's protocol
+    python fid.py samples.npz ref.npz --pr_ref imagenet_val_prc_arr0.npz   # + precision and recall (k = 3)
     python fid.py folder_of_pngs --save-stats ref.npz                # write {mu, sigma}
     torchrun --nproc_per_node 8 fid.py samples.npz ref.npz           # each rank takes every 8th image
 """
@@ -342,11 +344,14 @@ def load_inception(path=None, resize="tf1"):
 class InceptionStats:
     """Running float64 sums: n, sum x, sum x^T x for FID; for IS, per split: count, sum p,
     sum p log p (mean KL(p || p_split) = (sum p log p - sum p . log p_split) / count).
-    All are sums, so batches and ranks add up exactly to the statistics of all images at once."""
+    All are sums, so batches and ranks add up exactly to the statistics of all images at once. keep_features:
+    also every image's features, at its global index (for precision and recall; ranks add up their rows)."""
 
-    def __init__(self, dim=2048, num_images=None, num_classes=1008, splits=IS_SPLITS, device=None):
+    def __init__(self, dim=2048, num_images=None, num_classes=1008, splits=IS_SPLITS, device=None,
+                 keep_features=False):
         f64 = dict(dtype=torch.float64, device=device)
         self.n, self.sum, self.sum_sq = (torch.zeros(shape, **f64) for shape in ((), dim, (dim, dim)))
+        self.features = torch.zeros(num_images, dim, device=device) if keep_features else None
         self.splits = splits if num_images is not None and num_images >= splits else 0
         if self.splits:
             # As the official evaluation: shuffle with seed 2020, then equal contiguous splits
@@ -364,6 +369,8 @@ class InceptionStats:
         self.n += x.shape[0]
         self.sum += x.sum(dim=0)
         self.sum_sq += x.T @ x
+        if self.features is not None:
+            self.features[index.to(self.features.device)] = features.float()
         if self.splits:
             split = self.split_of[index.to(self.split_of.device)]
             log_p = torch.log_softmax(logits.double(), dim=1)  # (B, classes)
@@ -376,6 +383,8 @@ class InceptionStats:
             sums = [self.n, self.sum, self.sum_sq]
             for t in sums + ([self.count, self.p_sum, self.plogp_sum] if self.splits else []):
                 dist.all_reduce(t)
+            if self.features is not None:
+                dist.all_reduce(self.features)
 
     def mean_cov(self):
         """-> mu [D], sigma [D, D] as numpy float64 (covariance with n - 1, as np.cov)."""
@@ -425,12 +434,14 @@ def images_to_float(images, device):
 
 
 @torch.no_grad()
-def accumulate(batches, model, device, num_images=None, progress=True):
+def accumulate(batches, model, device, num_images=None, progress=True, keep_features=False):
     """Run the Inception over (uint8 images, global indices or None) batches -> reduced InceptionStats.
-    IS is scored only when num_images (the global count) is given and the weights carry fc."""
+    IS is scored only when num_images (the global count) is given and the weights carry fc; keep_features
+    (with num_images and indices) keeps every image's features too."""
     device = torch.device(device)
     with_logits = num_images is not None and model.fc is not None
-    stats = InceptionStats(model.num_features, num_images if with_logits else None, device=device)
+    stats = InceptionStats(model.num_features, num_images if with_logits or keep_features else None,
+                           splits=IS_SPLITS if with_logits else 0, device=device, keep_features=keep_features)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     with torch.autocast(device.type, enabled=False), ieee_fp32():
         for images, index in tqdm(batches, disable=not progress or rank != 0, desc="inception"):
@@ -500,6 +511,26 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
+
+def squared_distances(a, b):
+    """[A, B] squared Euclidean distances in float64, |a|^2 - 2 a.b + |b|^2 clamped at 0 (as ADM's evaluator)."""
+    a, b = a.double(), b.double()
+    return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]).clamp(min=0)
+
+
+def precision_recall(real, fake, k=3, chunk=5000):
+    """Improved precision and recall (Kynkaenniemi et al. 2019) as ADM's evaluator and the official release
+    compute them: each feature vector's ball reaches its k-th nearest neighbour in its own set (squared
+    distances, the point itself not counted); precision = share of fake inside some real ball, recall = share
+    of real inside some fake ball. real [N, D], fake [M, D] -> (precision, recall)."""
+    def radii(x):
+        return torch.cat([squared_distances(c, x).kthvalue(k + 1, dim=1).values for c in x.split(chunk)])
+
+    def share_inside(x, centers, r):
+        return torch.cat([(squared_distances(c, centers) <= r).any(dim=1) for c in x.split(chunk)]).double().mean()
+
+    return float(share_inside(fake, real, radii(real))), float(share_inside(real, fake, radii(fake)))
+
 # -----------------------------------------------------------------------------
 # Inputs: statistics npz, image npz (memory-mapped) or image folder
 
@@ -522,10 +553,10 @@ def npz_array(path, key):
     return np.memmap(path, dtype, "r", offset, shape, order="F" if fortran_order else "C")
 
 
-def load_source(path):
+def load_source(path, images=False):
     """-> (mu, sigma) for a statistics npz (ref_mu/ref_sigma as the official release's file, else mu/sigma, in the
-    release's order; ADM reference batches carry arr_0 too: the statistics win), else images: a uint8 array
-    [N, H, W, C] (arr_0) or a sorted list of image files."""
+    release's order; ADM reference batches carry arr_0 too: the statistics win unless images), else images: a
+    uint8 array [N, H, W, C] (arr_0) or a sorted list of image files."""
     if os.path.isdir(path):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
                        if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
@@ -535,16 +566,16 @@ def load_source(path):
     if path.endswith(".npz"):
         with np.load(path) as npz:
             for mu, sigma in (("ref_mu", "ref_sigma"), ("mu", "sigma")):
-                if mu in npz.files and sigma in npz.files:
+                if mu in npz.files and sigma in npz.files and not images:
                     return npz[mu], npz[sigma]
             if "arr_0" in npz.files:
                 return npz_array(path, "arr_0")
-    raise ValueError(f"{path}: expected an npz with ref_mu and ref_sigma (or mu and sigma) or with uint8 "
-                     "arr_0 [N, H, W, C], or a folder of PNG/JPEG images")
+    raise ValueError(f"{path}: expected {'' if images else 'an npz with ref_mu and ref_sigma (or mu and sigma) or '}"
+                     "an npz with uint8 arr_0 [N, H, W, C], or a folder of PNG/JPEG images")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="FID (and IS) with the TF-2015 FID-Inception")
+    parser = argparse.ArgumentParser(description="FID (IS, precision and recall) with the TF-2015 FID-Inception")
     parser.add_argument("paths", nargs="+", help="two inputs for FID, one with --save-stats; each an "
                         "npz of uint8 arr_0 [N, H, W, C], a folder of PNG/JPEG, or an npz of mu/sigma")
     parser.add_argument("--save-stats", default=None, help="write the input's {mu, sigma} to this npz")
@@ -552,6 +583,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=250, help="images per batch and rank")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if any, else cpu")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="decode workers")
+    parser.add_argument("--pr_ref", default=None, help="reference images (npz arr_0 or folder) for precision "
+                        "and recall of the first input, k = 3 (the release's: 10,000 ImageNet validation images)")
     parser.add_argument("--resize", default="tf1", choices=RESIZES, help="to 299: tf1 (TF1's legacy bilinear, "
                         "as ADM's and NVIDIA's evaluators) or bilinear (torch's half-pixel, as the official release)")
     args = parser.parse_args(argv)
@@ -567,21 +600,29 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    model, all_stats = None, []
-    for path in args.paths:
-        source = load_source(path)
+    model, all_stats, features = None, [], []
+    for i, path in enumerate(args.paths + ([args.pr_ref] if args.pr_ref else [])):
+        pr_input = args.pr_ref is not None and i in (0, len(args.paths))  # the first input and the P/R reference
+        source = load_source(path, images=i == len(args.paths))
         if isinstance(source, tuple):
+            if pr_input:
+                raise ValueError(f"{path}: precision and recall (--pr_ref) need the images, not statistics")
             all_stats.append(source)
             continue
         if model is None:
             model = load_inception(args.weights, args.resize).to(device)
         loader = torch.utils.data.DataLoader(ImageSource(source, rank, world_size), args.batch_size,
                                              num_workers=args.workers, pin_memory=device.type == "cuda")
-        stats = accumulate(loader, model, device, num_images=len(source))
-        all_stats.append(stats.mean_cov())
+        stats = accumulate(loader, model, device, num_images=len(source), keep_features=pr_input)
+        features.append(stats.features)
+        if i < len(args.paths):
+            all_stats.append(stats.mean_cov())
         if rank == 0:
             score = ", IS: %.4f +- %.4f" % stats.inception_score() if stats.splits else ""
             print(f"{path}: {len(source)} images{score}")
+    if rank == 0 and args.pr_ref:
+        precision, recall = precision_recall(features[-1], features[0])
+        print(f"precision: {precision:.4f}, recall: {recall:.4f} (k = 3, against {args.pr_ref})")
 
     fid = None
     if rank == 0 and args.save_stats:
