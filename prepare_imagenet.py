@@ -151,7 +151,8 @@ def main(argv=None):
                     x = crops.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
                     eps = torch.stack([torch.randn(shape[2:], generator=torch.Generator().manual_seed(i))
                                        for i in range(lo, hi)])  # image i's noise, whatever the ranks or batches
-                    latents = encode_latents(vae, torch.cat([x, x.flip(3)]), torch.cat([eps, eps]))  # (2B, 4, s, s)
+                    both = torch.cat([x, x.flip(3)])  # one encoder call for the batch and its flips
+                    latents = encode_latents(vae, both, torch.cat([eps, eps]), chunk=len(both))  # (2B, 4, s, s)
                     array[lo:hi] = latents.unflatten(0, (2, -1)).transpose(0, 1).cpu().numpy()
                 array.flush()  # data on disk before the range is marked done
                 log.write(f"{lo} {hi}\n")
