@@ -222,10 +222,11 @@ def random_resized_crop(x, min_area, generator=None):
 
 def resized_crop(x, w, h, cx, cy):
     """Crops (w, h, cx, cy as crop_boxes gives them) of square images x in [-1, 1], resampled to the input's size as
-    one bicubic grid_sample, clamped to [-1, 1] as PIL's uint8 output is (torch's bicubic kernel has a = -0.75,
-    PIL's -0.5)."""
+    one bicubic grid_sample, then rounded to the 256 uint8 levels as PIL's output is (torch's bicubic kernel has
+    a = -0.75, PIL's -0.5)."""
     theta = torch.zeros(x.shape[0], 2, 3, device=x.device)
     theta[:, 0, 0], theta[:, 1, 1] = w, h
     theta[:, 0, 2], theta[:, 1, 2] = 2 * cx - 1, 2 * cy - 1  # crop centre in [-1, 1] coordinates
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp(-1, 1)
+    y = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    return ((y + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1
