@@ -345,8 +345,9 @@ def main(argv=None):
         # pixel reals are random-resized crops, as the official pixel configs' (use_aug): each cropped once, when
         # pushed (its box kept with its id, the same box in both queues), and drawn as that crop while it stays
         crop_reals = args.dataset == "imagenet_pixels" and args.crop_min < 1
-        class_queue = SampleQueue(data.num_classes, args.queue_size, qdev, extra=4 if crop_reals else 0)
-        global_queue = SampleQueue(1, args.global_queue_size, qdev, extra=4 if crop_reals else 0)
+        box = 4 if crop_reals else 0  # floats kept with each id: (w, h, cx, cy)
+        class_queue = SampleQueue(data.num_classes, args.queue_size, qdev, extra=box)
+        global_queue = SampleQueue(1, args.global_queue_size, qdev, extra=box)
 
         def push(ids, generator):
             boxes = torch.stack(crop_boxes(len(ids), args.crop_min, generator, qdev), 1) if crop_reals else None
