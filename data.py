@@ -140,7 +140,7 @@ class Stream:
 
     def epoch(self, e):
         if self.cached[0] != e:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+            g = torch.Generator().manual_seed(2**61 + self.seed * 1_000_003 + e)  # apart from train.py's seeds
             order = torch.randperm(self.n, generator=g) * 2
             self.cached = (e, order + torch.randint(2, (self.n,), generator=g) if self.flip else order)
         return self.cached[1]
@@ -196,6 +196,11 @@ class SampleQueue:
         return {"ids": self.ids, "extra": self.extra, "head": self.head, "count": self.count}
 
     def load_state_dict(self, state):
+        (c, n), (c2, n2) = state["ids"].shape, self.ids.shape
+        if (c, n) != (c2, n2) or state["extra"].shape[-1] != self.extra.shape[-1]:
+            raise ValueError(f"a saved queue of {c} classes x {n - 1} ids ({state['extra'].shape[-1]} extra floats "
+                             f"each) cannot load into one of {c2} x {n2 - 1} ({self.extra.shape[-1]}): resume with "
+                             "the run's data, --queue_size and --global_queue_size")
         self.ids, self.extra, self.head, self.count = (state[k].to(self.ids.device)
                                                        for k in ("ids", "extra", "head", "count"))
 

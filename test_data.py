@@ -46,6 +46,15 @@ def test_queue_extra_travels_with_its_id():
     assert sorted(ids[1].tolist()) == [7, 9, 11, 13] and torch.equal(extra, torch.stack([ids, -ids], 2).float())
 
 
+def test_queue_state_of_another_size_is_one_clear_error():
+    # a resume with another --queue_size (or data of other classes) stops instead of mixing the two layouts
+    saved = SampleQueue(2, 4, "cpu").state_dict()
+    SampleQueue(2, 4, "cpu").load_state_dict(saved)
+    for other in (SampleQueue(2, 8, "cpu"), SampleQueue(3, 4, "cpu"), SampleQueue(2, 4, "cpu", extra=4)):
+        with pytest.raises(ValueError, match="--queue_size"):
+            other.load_state_dict(saved)
+
+
 def test_latent_cache_fetch_picks_flip(tmp_path):
     # item 2i is image i's cached latent, item 2i+1 its flip's, as stored (no sampling at fetch)
     latents = np.random.default_rng(0).standard_normal((3, 2, 4, 32, 32)).astype(np.float16)
