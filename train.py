@@ -257,8 +257,8 @@ def main(argv=None):
     # ---- seeds and performance flags ----
     torch.manual_seed(args.seed)  # same init on every rank; each step reseeds per (seed, step, rank) below
 
-    def step_seed(step, r):  # r = rank, or -1 for the draws shared by all ranks
-        return args.seed * 1_000_003 + step * 4099 + r + 1
+    def step_seed(step, r):  # r = rank, or -1 for the draws shared by all ranks; never the init's seed itself
+        return args.seed * 1_000_003 + step * 4099 + r + 2
     # TF32 for float32 matmuls outside autocast (the drift loss's distances: the official ran them at TPU
     # default precision, one bf16 pass)
     torch.backends.cuda.matmul.allow_tf32 = True
