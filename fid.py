@@ -449,7 +449,7 @@ def accumulate(batches, model, device, num_images=None, progress=True, keep_feat
             if stats.splits:
                 stats.update(*model(x, return_logits=True), index=index)
             else:
-                stats.update(model(x))
+                stats.update(model(x), index=index)
     stats.all_reduce()
     return stats
 

@@ -256,10 +256,13 @@ def test_precision_recall_of_collapsed_samples():
     assert fid.precision_recall(real, real) == (1.0, 1.0)
 
 
-def test_cli_precision_recall(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("with_fc", [True, False])
+def test_cli_precision_recall(with_fc, tmp_path, monkeypatch, capsys):
     # --pr_ref: the samples' features against the reference images'; samples equal to the reference give 1 and
-    # 1, and statistics-only inputs are refused with one clear message
+    # 1 (with weights without the classifier too: fid-helper's file), and statistics-only inputs are refused
     model = TinyInception().eval()
+    if not with_fc:
+        model.fc = None
     monkeypatch.setattr(fid, "load_inception", lambda path=None, resize="tf1": model)
     images = np.random.default_rng(0).integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", arr_0=images)
