@@ -388,6 +388,8 @@ class InceptionStats:
 
     def mean_cov(self):
         """-> mu [D], sigma [D, D] as numpy float64 (covariance with n - 1, as np.cov)."""
+        if self.n < 2:
+            raise ValueError(f"statistics need at least 2 images, got {int(self.n)}")
         n, mu = self.n, self.sum / self.n
         sigma = (self.sum_sq - n * torch.outer(mu, mu)) / (n - 1)
         return mu.cpu().numpy(), sigma.cpu().numpy()
@@ -505,6 +507,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(f"expected mu [D] and sigma [D, D] pairs of one D, got mu {mu1.shape}, "
                          f"{mu2.shape} and sigma {sigma1.shape}, {sigma2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise ValueError("statistics with NaN or inf values: remake the npz (or the images) they came from")
     w, v = np.linalg.eigh(sigma1)
     root1 = (v * np.sqrt(w.clip(min=0))) @ v.T  # round-off can leave tiny negative eigenvalues
     tr_covmean = np.sqrt(np.linalg.eigvalsh(root1 @ sigma2 @ root1).clip(min=0)).sum()
@@ -563,7 +567,11 @@ def load_source(path, images=False):
         if not files:
             raise ValueError(f"{path}: no PNG/JPEG images found")
         return files
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file or folder")
     if path.endswith(".npz"):
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path}: not an npz file (np.savez writes one)")
         with np.load(path) as npz:
             for mu, sigma in (("ref_mu", "ref_sigma"), ("mu", "sigma")):
                 if mu in npz.files and sigma in npz.files and not images:

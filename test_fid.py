@@ -284,3 +284,21 @@ def test_kept_features_of_rank_shares_add_up_to_all():
         stats.update(features[index], index=index)
         shares.append(stats.features)
     assert torch.equal(sum(shares), features)
+
+
+def test_unusable_statistics_are_one_clear_error():
+    # NaN statistics, or statistics of a single image, stop with one message instead of printing FID nan
+    mu, sigma = np.zeros(4), np.eye(4)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fid.frechet_distance(mu, sigma, mu, np.full((4, 4), np.nan))
+    stats = fid.InceptionStats(4)
+    stats.update(torch.ones(1, 4))
+    with pytest.raises(ValueError, match="at least 2 images"):
+        stats.mean_cov()
+
+
+def test_missing_or_non_npz_source_is_one_clear_error(tmp_path):
+    (tmp_path / "text.npz").write_text("not a zip")
+    for path, message in ((tmp_path / "nope.npz", "no such file"), (tmp_path / "text.npz", "not an npz")):
+        with pytest.raises(ValueError, match=message):
+            fid.load_source(str(path))

@@ -382,8 +382,9 @@ def test_official_mae_folder_is_a_train_encoder(tmp_path):
     # an official MAE artifact on disk (msgpack, kind 'mae') is a frozen --encoder of train.py, checked for channels
     mae_tree = official_mae_tree(3, 32, (1, 2, 1, 2), 2, 7)
     folder = write_artifact(tmp_path / "mae", mae_tree, MAE_META["model_config"], kind="mae")
-    encoder = train.load_encoder(str(folder), in_channels=3)
+    encoder = train.load_encoder(str(folder), in_channels=3, input_size=64)
     assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
     assert torch.equal(encoder.fc.bias, torch.from_numpy(mae_tree["params"]["fc"]["bias"]))
-    with pytest.raises(ValueError, match="4-channel"):
-        train.load_encoder(str(folder), in_channels=4)
+    for channels, size in ((4, 64), (3, 32)):
+        with pytest.raises(ValueError, match=f"{channels}-channel inputs {size} a side"):
+            train.load_encoder(str(folder), in_channels=channels, input_size=size)

@@ -2,6 +2,7 @@
 import gzip
 import hashlib
 import os
+import pickle
 import subprocess
 import sys
 
@@ -230,4 +231,39 @@ def test_unreadable_fid_weights_stop_the_run_before_training(fmnist, mae_ckpt, t
     with pytest.raises(ValueError, match="incep.pth: not a readable weights file"):
         run_gen(fmnist, mae_ckpt, tmp_path / "run", "--steps", "2", "--fid_ref", "test",
                 "--fid_weights", str(tmp_path / "incep.pth"))
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+UNUSABLE = [(["--steps", "-5"], "--steps"), (["--alpha_range", "-1", "0.5"], "--alpha_range"),
+            (["--temperatures", "0"], "--temperatures"), (["--log_every", "0"], "--log_every"),
+            (["--ema_decays", "1.5"], "--ema_decays")]
+
+
+@pytest.mark.parametrize("bad, rule", UNUSABLE)
+def test_unusable_arguments_are_one_clear_error(bad, rule, fmnist, tmp_path):
+    # values no run can use stop before anything is built, naming the broken rule
+    with pytest.raises(ValueError, match=f"bad arguments: .*{rule}"):
+        run_gen(fmnist, "none", tmp_path, *bad)
+    assert not os.listdir(tmp_path)
+
+
+def test_resume_on_other_data_is_one_clear_error(fmnist, tmp_path):
+    # a generator of 10 Fashion-MNIST classes does not resume on CIFAR-10-shaped data
+    run_gen(fmnist, "none", tmp_path / "a", "--steps", "1")
+    cifar = tmp_path / "cifar" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(cifar / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), b"labels": list(range(10)) * 2}, f)
+    with pytest.raises(ValueError, match="data of other shape or classes"):
+        run_gen(fmnist, "none", tmp_path / "b", "--steps", "2", "--dataset", "cifar10", "--data", str(cifar.parent),
+                "--resume", str(tmp_path / "a" / "ckpt.pt"))
+
+
+def test_fid_reference_of_images_stops_the_run_before_training(fmnist, mae_ckpt, tmp_path):
+    # --fid_ref must hold Inception statistics; an npz of images is refused at the start, not after training
+    np.savez(tmp_path / "images.npz", arr_0=np.zeros((4, 32, 32, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="expected 'test' or an npz of Inception statistics"):
+        run_gen(fmnist, mae_ckpt, tmp_path / "run", "--steps", "2", "--fid_ref", str(tmp_path / "images.npz"))
     assert not (tmp_path / "run" / "ckpt.pt").exists()

@@ -21,6 +21,7 @@ in the model and a dozen lines of step.
 """
 import argparse
 import copy
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -148,7 +149,25 @@ def get_args(argv=None):
                    "each; the ablation shape fits an 80 GB card from K = 3 of B/2's 12 blocks (74 GiB on an H100)")
     args, _ = p.parse_known_args(argv)
     p.set_defaults(**{**STAGE_DEFAULTS[args.stage], **PRESETS.get(args.preset, {}).get(args.stage, {})})
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    counts = (args.steps, args.nc, args.n_pos, args.n_neg, args.push, args.batch_size, args.log_every, args.ckpt_every)
+    rules = {  # rule -> kept; a broken rule is one message now, not a deep error (or a silent wrong run) later
+        "--steps, --nc, --n_pos, --n_neg, --push, --batch_size, --log_every, --ckpt_every at least 1": min(counts) >= 1,
+        "--n_unc, --sample_every, --fid_every, --cls_steps not negative":
+            min(args.n_unc, args.sample_every, args.fid_every, args.cls_steps) >= 0,
+        "--alpha_range: 1 <= low <= high": 1 <= args.alpha_range[0] <= args.alpha_range[1],
+        "--alpha_p_one in [0, 1]": 0 <= args.alpha_p_one <= 1,
+        "--temperatures positive": min(args.temperatures) > 0,
+        "--ema_decays in [0, 1)": all(0 <= d < 1 for d in args.ema_decays),
+        "--mask_ratio in (0, 1)": 0 < args.mask_ratio < 1,
+        "--crop_min in (0, 1]": 0 < args.crop_min <= 1,
+        "--alpha finite": math.isfinite(args.alpha),
+        "--fid_n at least 2": args.fid_n >= 2,
+    }
+    broken = [rule for rule, kept in rules.items() if not kept]
+    if broken:
+        raise ValueError(f"bad arguments: {'; '.join(broken)}")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -190,7 +209,7 @@ def peak_flops(device):
     return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)
 
 
-def load_encoder(path, in_channels):
+def load_encoder(path, in_channels, input_size):
     """The frozen feature encoder: EMA weights of a --stage mae checkpoint, or an official MAE artifact."""
     if path == "none":
         return None
@@ -208,8 +227,10 @@ def load_encoder(path, in_channels):
         encoder = MAE_models[saved["model"]](in_channels=saved["in_channels"], num_classes=saved["num_classes"],
                                              input_patch_size=saved["input_size"] // 32)
         encoder.load_state_dict(next(iter(ckpt["ema"].values())))  # the first EMA decay of that run
-    if not hasattr(encoder, "activations") or encoder.in_channels != in_channels:
-        raise ValueError(f"--encoder {path}: expected an MAE encoder of {in_channels}-channel inputs")
+    if not hasattr(encoder, "activations") or (encoder.in_channels, 32 * encoder.input_patch_size) != (in_channels,
+                                                                                                  input_size):
+        raise ValueError(f"--encoder {path}: expected an MAE encoder of {in_channels}-channel inputs {input_size} "
+                         f"a side (the data's)")
     return encoder.eval().requires_grad_(False)
 
 
@@ -293,8 +314,6 @@ def main(argv=None):
     args.in_channels, args.input_size, args.num_classes = data.shape[0], data.shape[-1], data.num_classes
     if args.fid_ref == "test" and args.dataset not in ("fmnist", "cifar10"):
         raise ValueError("--fid_ref test needs --dataset fmnist or cifar10; pass reference statistics (npz) instead")
-    if args.fid_ref not in ("", "test") and not os.path.isfile(args.fid_ref):
-        raise ValueError(f"--fid_ref {args.fid_ref}: no such file (expected 'test' or an npz of mu and sigma)")
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
 
@@ -304,7 +323,7 @@ def main(argv=None):
             raise ValueError(f"--model must be one of {list(DiT_models)} for --stage gen, got {args.model}")
         raw_model = DiT_models[args.model](input_size=args.input_size, in_channels=args.in_channels,
                                            num_classes=args.num_classes, remat=args.remat).to(device)
-        encoder = load_encoder(args.encoder, args.in_channels)
+        encoder = load_encoder(args.encoder, args.in_channels, args.input_size)
         layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # cuDNN's bf16 convs
         if encoder is not None:
             encoder = encoder.to(device, memory_format=layout)
@@ -363,6 +382,10 @@ def main(argv=None):
         if (saved.get("stage"), saved.get("model")) != (args.stage, args.model):
             raise ValueError(f"--resume {args.resume} is a --stage {saved.get('stage')} --model {saved.get('model')} "
                              f"checkpoint; this run is --stage {args.stage} --model {args.model}")
+        if [saved.get(k) for k in ("in_channels", "input_size", "num_classes")] != [args.in_channels, args.input_size,
+                                                                                   args.num_classes]:
+            raise ValueError(f"--resume {args.resume}: trained on {saved.get('dataset')} data of other shape or "
+                             f"classes than this run's --dataset {args.dataset} --data {args.data}")
         if set(ckpt["ema"]) != set(emas):
             raise ValueError(f"--resume: checkpoint has EMA decays {sorted(ckpt['ema'])}, run asks {args.ema_decays}")
         raw_model.load_state_dict(ckpt["model"])
@@ -435,6 +458,11 @@ def main(argv=None):
 
     # The Inception network loaded now (bad weights stop the run before it trains), the reference statistics once
     fid_state = {"net": fid.load_inception(args.fid_weights).to(device)} if gen_stage and args.fid_ref else {}
+    if fid_state and args.fid_ref != "test":
+        fid_state["ref"] = ref = fid.load_source(args.fid_ref)
+        if not isinstance(ref, tuple) or np.shape(ref[0]) != (fid.InceptionV3.num_features,):
+            raise ValueError(f"--fid_ref {args.fid_ref}: expected 'test' or an npz of Inception statistics, mu "
+                             f"[{fid.InceptionV3.num_features}] and sigma (fid.py --save-stats)")
 
     def evaluate_fid(step, alphas, decays=args.ema_decays[:1]):
         if "ref" not in fid_state:
