@@ -40,14 +40,32 @@ def build_generator(args):
     return DiT_models[args["model"]](**overrides)
 
 
+def load_checkpoint(path):
+    """A train.py checkpoint dict (CPU tensors), or one clear error for a missing or foreign file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint file at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} is not a train.py checkpoint ({type(err).__name__})") from err
+    if not isinstance(ckpt, dict) or not {"model", "ema", "args", "step"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a train.py checkpoint (expected keys model, ema, opt, step, args)")
+    return ckpt
+
+
 def load_generator(path, ema_decay=None, raw=False):
     """Generator in eval mode from our checkpoint file (the EMA of decay ema_decay, by default the run's
     first, or the raw weights) or from an official artifact folder or name (EMA only)."""
     if not os.path.isfile(path):
+        if path.endswith(".pt"):
+            raise ValueError(f"no checkpoint file at {path}")
         if raw or ema_decay is not None:
             raise ValueError(f"official artifacts hold one EMA only; --raw/--ema need a checkpoint file, got {path}")
         return load_official(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path)
+    if ckpt["args"].get("stage") != "gen":
+        raise ValueError(f"{path} is a --stage {ckpt['args'].get('stage')} checkpoint; sampling needs a generator's "
+                         "(--stage gen)")
     model = build_generator(ckpt["args"])
     emas = ckpt["ema"]  # {decay: state_dict}, train.py keeps several decays at once
     decay = ckpt["args"]["ema_decays"][0] if ema_decay is None else ema_decay
@@ -110,6 +128,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.num_samples and not args.grid:
         raise ValueError("nothing to do: pass --num_samples N and/or --grid PATH")
+    if not math.isfinite(args.alpha) or min(args.num_samples, args.grid_size - 1, args.batch_size - 1) < 0:
+        raise ValueError("--alpha must be finite, --num_samples not negative, --grid_size and --batch_size positive")
 
     distributed = "RANK" in os.environ  # launched by torchrun
     if distributed:

@@ -243,7 +243,8 @@ def test_prepare_imagenet_pixels_are_center_crops(jpeg_folder, tiny_vae_dir):
 # ----------------------------------------------------------------------------- sample.py
 def tiny_checkpoint(path, in_channels=4):
     # as train.py saves it: vars(args) and one EMA state dict per decay
-    args = {"model": "T/2", "input_size": 8, "in_channels": in_channels, "num_classes": 10, "ema_decays": [0.9, 0.99]}
+    args = {"stage": "gen", "model": "T/2", "input_size": 8, "in_channels": in_channels, "num_classes": 10,
+            "ema_decays": [0.9, 0.99]}
     raw, ema, ema2 = (perturbed(sample.build_generator(args), seed=s).state_dict() for s in (2, 3, 4))
     torch.save({"model": raw, "ema": {0.9: ema, 0.99: ema2}, "opt": {}, "step": 1, "args": args}, path)
     return str(path)
@@ -310,3 +311,14 @@ def test_make_grid_places_images_row_major():
     images = np.arange(5, dtype=np.uint8)[:, None, None, None].repeat(2, 1).repeat(2, 2).repeat(3, 3) + 1
     grid = sample.make_grid(images, pad=1)
     assert grid.shape == (7, 10, 3) and grid[1, 1, 0] == 1 and grid[1, 4, 0] == 2 and grid[4, 1, 0] == 4
+
+
+def test_checkpoints_sample_cannot_use_are_one_clear_error(tmp_path):
+    # an MAE checkpoint, a truncated file and a missing .pt each stop with one message, no download attempted
+    mae = torch.load(tiny_checkpoint(tmp_path / "g.pt"), weights_only=True)
+    torch.save({**mae, "args": {**mae["args"], "stage": "mae", "model": "tiny"}}, tmp_path / "mae.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "g.pt").read_bytes()[:1000])
+    for name, message in (("mae.pt", "--stage mae checkpoint"), ("cut.pt", "not a train.py checkpoint"),
+                          ("nope.pt", "no checkpoint file")):
+        with pytest.raises(ValueError, match=message):
+            sample.load_generator(str(tmp_path / name))

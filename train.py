@@ -41,7 +41,7 @@ from convnext import load_convnext_v2
 from data import Data, SampleQueue, Stream, crop_boxes, download_fmnist, random_resized_crop, resized_crop
 from model import DiT_models, MAE_models
 from official import load_official
-from sample import generate, make_grid, save_png
+from sample import generate, load_checkpoint, make_grid, save_png
 from vae import encode_latents, load_vae
 
 # Table 8, ablation column. The MAE stage follows configs/mae/latent_ablation_256.yaml (192 epochs of 8192).
@@ -232,18 +232,6 @@ def load_encoder(path, in_channels, input_size):
         raise ValueError(f"--encoder {path}: expected an MAE encoder of {in_channels}-channel inputs {input_size} "
                          f"a side (the data's)")
     return encoder.eval().requires_grad_(False)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint file at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path} is not a train.py checkpoint ({type(err).__name__})") from err
-    if not isinstance(ckpt, dict) or not {"model", "ema", "args", "step"} <= ckpt.keys():
-        raise ValueError(f"{path} is not a train.py checkpoint (expected keys model, ema, opt, step, args)")
-    return ckpt
 
 
 def save_checkpoint(path, ckpt):
