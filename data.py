@@ -8,6 +8,7 @@ The data of train.py, as the paper's sample queues consume it (SPEC 7).
 
 Every dataset is an array of images or latents plus labels; item id = index * 2 + horizontal flip.
 """
+import glob
 import gzip
 import math
 import os
@@ -26,12 +27,27 @@ CACHE_DIR = os.path.expanduser(os.environ.get("DRIFTING_CACHE", "~/.cache/drifti
 
 def read_idx(path):
     """An IDX ubyte array (the MNIST file format), gzipped."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path}: not an IDX ubyte file (expected the official Fashion-MNIST .gz files)")
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
+    bad = f"{path}: not a whole gzipped IDX ubyte file (expected the official Fashion-MNIST .gz files)"
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:  # not gzip, or cut short
+        raise ValueError(bad) from err
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])] if len(raw) >= 4 else []
+    if raw[:3] != b"\x00\x00\x08" or len(raw) != 4 + 4 * len(dims) + math.prod(dims):
+        raise ValueError(bad)
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
+
+
+def rows_done(progress_glob, n):
+    """(n,) bool: the rows of a cache that prepare_imagenet.py's progress files ("lo hi" lines) list as written."""
+    done = np.zeros(n, dtype=bool)
+    for path in glob.glob(progress_glob):
+        with open(path) as f:
+            for line in f:
+                lo, hi = map(int, line.split())
+                done[lo:hi] = True
+    return done
 
 
 def fmnist_files(root, split):
@@ -87,7 +103,13 @@ class Data:
             batches = []
             for f in files:
                 with open(os.path.join(folder, f), "rb") as fh:
-                    batches.append(pickle.load(fh, encoding="bytes"))
+                    try:
+                        batch = pickle.load(fh, encoding="bytes")
+                    except Exception:  # cut short, or not a pickle
+                        batch = None
+                if not isinstance(batch, dict) or not {b"data", b"labels"} <= batch.keys():
+                    raise ValueError(f"{fh.name}: not a CIFAR-10 python batch (CIFAR-100's hold other keys)")
+                batches.append(batch)
             images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
             labels = np.concatenate([b[b"labels"] for b in batches])
         else:
@@ -97,6 +119,9 @@ class Data:
                 raise ValueError(f"{root}: expected {os.path.basename(path)} and {split}_labels.npy "
                                  f"written by prepare_imagenet.py{' --pixels' if kind == 'pixels' else ''}")
             images, labels = np.load(path, mmap_mode="r"), np.load(label_path)
+            progress = path[:-len(".npy")] + ".done*"  # none: a cache made otherwise, taken as whole
+            if glob.glob(progress) and not rows_done(progress, len(images)).all():
+                raise ValueError(f"{path}: prepare_imagenet.py has not finished writing it; run it again (it resumes)")
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.num_classes = int(self.labels.max()) + 1
         if name in ("fmnist", "cifar10"):

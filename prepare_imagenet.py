@@ -35,6 +35,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from data import rows_done
 from vae import encode_latents, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -55,6 +56,8 @@ def center_crop(image, size):
 
 def image_folder(root):
     """(files, labels) in ImageFolder order: sorted class folders, sorted files within each."""
+    if not os.path.isdir(root):
+        raise ValueError(f"{root}: no such folder (--data_path holds one folder per split: --splits)")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
     if not classes:
         raise ValueError(f"expected one subfolder per class in {root}, found none")
@@ -63,6 +66,8 @@ def image_folder(root):
         paths = sorted(p for p in glob.glob(os.path.join(root, name, "*")) if p.lower().endswith(IMAGE_EXTENSIONS))
         files += paths
         labels += [label] * len(paths)
+    if not files:
+        raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
     return files, np.array(labels, dtype=np.int64)
 
 
@@ -80,13 +85,7 @@ class CropDataset(torch.utils.data.Dataset):
 
 def pending_chunks(progress_glob, n, batch_size):
     """Contiguous index ranges not yet listed in any progress file, cut into batch_size pieces."""
-    done = np.zeros(n, dtype=bool)
-    for path in glob.glob(progress_glob):
-        with open(path) as f:
-            for line in f:
-                lo, hi = map(int, line.split())
-                done[lo:hi] = True
-    todo = np.flatnonzero(~done)
+    todo = np.flatnonzero(~rows_done(progress_glob, n))
     runs = np.split(todo, np.flatnonzero(np.diff(todo) != 1) + 1) if len(todo) else []
     return [run[i:i + batch_size] for run in runs for i in range(0, len(run), batch_size)]
 
@@ -103,6 +102,7 @@ def main(argv=None):
     parser.add_argument("--num_workers", type=int, default=8, help="DataLoader workers decoding JPEGs")
     parser.add_argument("--no_compile", action="store_true", help="skip torch.compile of the encoder (used on GPU)")
     args = parser.parse_args(argv)
+    trees = {split: image_folder(os.path.join(args.data_path, split)) for split in args.splits.split(",")}  # all, first
 
     distributed = "RANK" in os.environ  # launched by torchrun
     if distributed:
@@ -119,8 +119,7 @@ def main(argv=None):
     kind = "pixels" if args.pixels else "latents"
     os.makedirs(args.out, exist_ok=True)
 
-    for split in args.splits.split(","):
-        files, labels = image_folder(os.path.join(args.data_path, split))
+    for split, (files, labels) in trees.items():
         n, size = len(files), args.image_size
         if args.pixels:
             shape, dtype = (n, size, size, 3), np.uint8

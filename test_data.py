@@ -55,6 +55,19 @@ def test_queue_state_of_another_size_is_one_clear_error():
             other.load_state_dict(saved)
 
 
+
+def test_cifar100_or_cut_batches_are_one_clear_error(tmp_path):
+    # CIFAR-100's python files (fine_labels, not labels) or a cut file are named, not a KeyError or pickle error
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 1]}, f)
+    with pytest.raises(ValueError, match="data_batch_1: not a CIFAR-10 python batch"):
+        Data("cifar10", str(tmp_path), "train", "cpu")
+    (tmp_path / "test_batch").write_bytes((tmp_path / "test_batch").read_bytes()[:20])
+    with pytest.raises(ValueError, match="test_batch: not a CIFAR-10 python batch"):
+        Data("cifar10", str(tmp_path), "test", "cpu")
+
 def test_latent_cache_fetch_picks_flip(tmp_path):
     # item 2i is image i's cached latent, item 2i+1 its flip's, as stored (no sampling at fetch)
     latents = np.random.default_rng(0).standard_normal((3, 2, 4, 32, 32)).astype(np.float16)

@@ -14,6 +14,7 @@ from PIL import Image
 import prepare_imagenet
 import sample
 import vae
+from data import Data
 
 TINY_VAE = dict(block_out_channels=(32, 64), norm_num_groups=8, latent_channels=4, layers_per_block=2)
 
@@ -223,6 +224,8 @@ def test_prepare_imagenet_resume_redoes_only_unfinished_ranges(jpeg_folder, tiny
     lines = progress.read_text().splitlines()
     assert lines == ["0 2", "2 4", "4 6"]
     progress.write_text("0 2\n4 6\n")  # as if the run had stopped before finishing [2, 4)
+    with pytest.raises(ValueError, match="has not finished writing it"):  # training refuses the unfinished cache
+        Data("imagenet", str(jpeg_folder / "out"), "train", "cpu")
     latents = np.load(jpeg_folder / "out" / "train_latents.npy", mmap_mode="r+")
     good = np.array(latents[2:4])
     latents[:] = 7.0
@@ -230,6 +233,14 @@ def test_prepare_imagenet_resume_redoes_only_unfinished_ranges(jpeg_folder, tiny
     run_prepare(jpeg_folder, tiny_vae_dir)
     after = np.load(jpeg_folder / "out" / "train_latents.npy")
     assert (after[:2] == 7).all() and (after[4:] == 7).all() and np.array_equal(after[2:4], good)
+    assert len(Data("imagenet", str(jpeg_folder / "out"), "train", "cpu")) == 6
+
+
+def test_prepare_imagenet_checks_every_split_before_starting(jpeg_folder, tiny_vae_dir):
+    # a missing split folder stops the run before the first split is written
+    with pytest.raises(ValueError, match="val: no such folder"):
+        run_prepare(jpeg_folder, tiny_vae_dir, "--splits", "train,val")
+    assert not (jpeg_folder / "out").exists()
 
 
 def test_prepare_imagenet_pixels_are_center_crops(jpeg_folder, tiny_vae_dir):

@@ -199,8 +199,21 @@ def test_wrong_data_files_are_one_clear_error(tmp_path):
         for kind in ("images-idx3", "labels-idx1"):
             with gzip.open(tmp_path / f"{split}-{kind}-ubyte.gz", "wb") as f:
                 f.write(b"<html>not found</html>")
-    with pytest.raises(ValueError, match="not an IDX ubyte file"):
+    with pytest.raises(ValueError, match="not a whole gzipped IDX ubyte file"):
         train.main(["--stage", "mae", "--dataset", "fmnist", "--data", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_cut_or_uncompressed_data_files_are_one_clear_error(fmnist, tmp_path):
+    # a download cut short, or the files unpacked but still named .gz, are rejected as such
+    for folder, spoil in (("cut", lambda b: b[:len(b) // 2]), ("raw", gzip.decompress)):
+        (tmp_path / folder).mkdir()
+        for name in os.listdir(fmnist):
+            whole = open(os.path.join(fmnist, name), "rb").read()
+            (tmp_path / folder / name).write_bytes(spoil(whole) if name.startswith("train") else whole)
+    for folder in ("cut", "raw"):
+        with pytest.raises(ValueError, match="not a whole gzipped IDX ubyte file"):
+            train.main(["--stage", "mae", "--dataset", "fmnist", "--data", str(tmp_path / folder), "--out",
+                        str(tmp_path)])
 
 
 def test_resume_from_other_stage_is_one_clear_error(fmnist, mae_ckpt, tmp_path):
