@@ -70,7 +70,7 @@ def download_file(url, path, offline_hint):
                 os.remove(part)
             if isinstance(err, urllib.error.HTTPError) and err.code == 404:
                 raise
-            raise RuntimeError(f"cannot download {url} ({err}). {offline_hint}") from err
+            raise RuntimeError(f"cannot download {url} ({err}). {offline_hint}") from None  # the message says all
         os.replace(part, path)
     return path
 

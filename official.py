@@ -258,8 +258,14 @@ def load_official(path_or_name):
         path = path / "params_ema"
     if not (path / "metadata.json").is_file() or not (path / "ema_params.msgpack").is_file():
         raise ValueError(f"expected an official artifact folder with metadata.json and ema_params.msgpack, got {path}")
-    metadata = json.loads((path / "metadata.json").read_text())
-    tree = read_msgpack(path / "ema_params.msgpack")
+    try:
+        metadata = json.loads((path / "metadata.json").read_text())
+        tree = read_msgpack(path / "ema_params.msgpack")
+    except Exception as err:  # cut short, or not JSON / msgpack
+        raise ValueError(f"{path}: metadata.json or ema_params.msgpack unreadable ({type(err).__name__}: "
+                         f"{err})") from None
+    if not isinstance(metadata, dict) or not isinstance(tree, dict):
+        raise ValueError(f"{path}: metadata.json and ema_params.msgpack must each hold a mapping")
     tree = tree.get("params", tree)  # EMA trees are saved with or without the 'params' level
     kind = metadata.get("kind")
     if kind == "gen":
