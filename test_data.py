@@ -55,7 +55,6 @@ def test_queue_state_of_another_size_is_one_clear_error():
             other.load_state_dict(saved)
 
 
-
 def test_cifar100_or_cut_batches_are_one_clear_error(tmp_path):
     # CIFAR-100's python files (fine_labels, not labels) or a cut file are named, not a KeyError or pickle error
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -67,6 +66,7 @@ def test_cifar100_or_cut_batches_are_one_clear_error(tmp_path):
     (tmp_path / "test_batch").write_bytes((tmp_path / "test_batch").read_bytes()[:20])
     with pytest.raises(ValueError, match="test_batch: not a CIFAR-10 python batch"):
         Data("cifar10", str(tmp_path), "test", "cpu")
+
 
 def test_latent_cache_fetch_picks_flip(tmp_path):
     # item 2i is image i's cached latent, item 2i+1 its flip's, as stored (no sampling at fetch)

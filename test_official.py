@@ -174,7 +174,6 @@ def test_loader_rejects_unknown_artifact_kind(tmp_path):
         load_official(write_artifact(tmp_path / "x", tree, kind="convnext"))
 
 
-
 def test_loader_rejects_unreadable_artifact_files(tmp_path):
     # a cut msgpack, a metadata.json that is not JSON, or one that is not a mapping: one message naming the folder
     tree = official_tree(OFFICIAL_CFG, np.random.default_rng(0))
@@ -185,6 +184,7 @@ def test_loader_rejects_unreadable_artifact_files(tmp_path):
         (folder / file).write_bytes(spoil((folder / file).read_bytes()))
         with pytest.raises(ValueError, match=f"{name}: metadata.json .*(unreadable|mapping)"):
             load_official(folder)
+
 
 def test_loader_by_name_offline_is_clear(tmp_path, monkeypatch):
     # a name that needs the network fails with a message saying how to get the files by hand
