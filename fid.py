@@ -463,6 +463,7 @@ class ImageSource(torch.utils.data.Dataset):
 
     def __init__(self, source, rank=0, world_size=1):
         self.source, self.index = source, range(rank, len(source), world_size)
+        self.size = Image.open(source[0]).size if isinstance(source, list) else None  # files: all of the first's
 
     def __len__(self):
         return len(self.index)
@@ -470,7 +471,10 @@ class ImageSource(torch.utils.data.Dataset):
     def __getitem__(self, i):
         item = self.source[self.index[i]]
         if isinstance(item, (str, os.PathLike)):
-            item = Image.open(item).convert("RGB")
+            path, item = item, Image.open(item).convert("RGB")
+            if item.size != self.size:
+                raise ValueError(f"{path}: {item.size[0]}x{item.size[1]}, where the first image is "
+                                 f"{self.size[0]}x{self.size[1]}: one folder holds images of one size")
         return torch.from_numpy(np.array(item)), self.index[i]
 
 

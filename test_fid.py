@@ -9,6 +9,7 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 import fid
 
@@ -302,3 +303,12 @@ def test_missing_or_non_npz_source_is_one_clear_error(tmp_path):
     for path, message in ((tmp_path / "nope.npz", "no such file"), (tmp_path / "text.npz", "not an npz")):
         with pytest.raises(ValueError, match=message):
             fid.load_source(str(path))
+
+
+def test_folder_of_mixed_sizes_is_one_clear_error(tmp_path, monkeypatch):
+    # a folder's images must share one size; the odd one out is named
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, resize="tf1": TinyInception().eval())
+    for name, side in (("a.png", 16), ("b.png", 16), ("c.png", 24)):
+        Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(tmp_path / name)
+    with pytest.raises(ValueError, match="c.png: 24x24, where the first image is 16x16"):
+        fid.main([str(tmp_path), "--save-stats", str(tmp_path / "s.npz"), "--device", "cpu", "--workers", "0"])
