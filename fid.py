@@ -489,11 +489,20 @@ def compute_statistics(images, model, batch_size=250, device=None, progress=True
     return accumulate(batches, model, device, progress=progress).mean_cov()
 
 
+def load_statistics(path):
+    """(mu [2048], sigma [2048, 2048]) of a statistics npz (load_source), or one clear error for anything else."""
+    ref = load_source(path)
+    if not isinstance(ref, tuple) or np.shape(ref[0]) != (InceptionV3.num_features,):
+        raise ValueError(f"{path}: expected an npz of Inception statistics, mu [{InceptionV3.num_features}] and "
+                         "sigma (fid.py --save-stats)")
+    return ref
+
+
 def fid_from_images(images, ref, weights=None, batch_size=250, device=None):
     """FID of this rank's uint8 images [N, H, W, 3 or 1] (all ranks together under torchrun)
     against reference statistics: an npz with mu/sigma or a (mu, sigma) pair."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ref = load_source(ref) if isinstance(ref, (str, os.PathLike)) else ref
+    ref = load_statistics(ref) if isinstance(ref, (str, os.PathLike)) else ref
     if not isinstance(ref, tuple):
         raise ValueError("expected reference statistics: an npz with mu and sigma, or (mu, sigma)")
     mu_ref, sigma_ref = ref

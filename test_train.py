@@ -277,6 +277,6 @@ def test_resume_on_other_data_is_one_clear_error(fmnist, tmp_path):
 def test_fid_reference_of_images_stops_the_run_before_training(fmnist, mae_ckpt, tmp_path):
     # --fid_ref must hold Inception statistics; an npz of images is refused at the start, not after training
     np.savez(tmp_path / "images.npz", arr_0=np.zeros((4, 32, 32, 3), dtype=np.uint8))
-    with pytest.raises(ValueError, match="expected 'test' or an npz of Inception statistics"):
+    with pytest.raises(ValueError, match="images.npz: expected an npz of Inception statistics"):
         run_gen(fmnist, mae_ckpt, tmp_path / "run", "--steps", "2", "--fid_ref", str(tmp_path / "images.npz"))
     assert not (tmp_path / "run" / "ckpt.pt").exists()

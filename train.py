@@ -446,17 +446,13 @@ def main(argv=None):
 
     # The Inception network loaded now (bad weights stop the run before it trains), the reference statistics once
     fid_state = {"net": fid.load_inception(args.fid_weights).to(device)} if gen_stage and args.fid_ref else {}
-    if fid_state and args.fid_ref != "test":
-        fid_state["ref"] = ref = fid.load_source(args.fid_ref)
-        if not isinstance(ref, tuple) or np.shape(ref[0]) != (fid.InceptionV3.num_features,):
-            raise ValueError(f"--fid_ref {args.fid_ref}: expected 'test' or an npz of Inception statistics, mu "
-                             f"[{fid.InceptionV3.num_features}] and sigma (fid.py --save-stats)")
+    if fid_state and args.fid_ref != "test":  # statistics: checked now, not after training
+        fid_state["ref"] = fid.load_statistics(args.fid_ref)
 
     def evaluate_fid(step, alphas, decays=args.ema_decays[:1]):
-        if "ref" not in fid_state:
-            fid_state["ref"] = (fid.compute_statistics(Data(args.dataset, args.data, "test", device).uint8_images()
-                                                       [rank::world], fid_state["net"], device=device, progress=False)
-                                if args.fid_ref == "test" else fid.load_source(args.fid_ref))
+        if "ref" not in fid_state:  # --fid_ref test: the test split's statistics, computed once
+            fid_state["ref"] = fid.compute_statistics(Data(args.dataset, args.data, "test", device).uint8_images()
+                                                      [rank::world], fid_state["net"], device=device, progress=False)
         for decay in decays:
             for alpha in alphas:
                 images = sample_images(list(range(rank, args.fid_n, world)), list(range(data.num_classes)), alpha,
