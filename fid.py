@@ -463,7 +463,10 @@ class ImageSource(torch.utils.data.Dataset):
 
     def __init__(self, source, rank=0, world_size=1):
         self.source, self.index = source, range(rank, len(source), world_size)
-        self.size = Image.open(source[0]).size if isinstance(source, list) else None  # files: all of the first's
+        self.size = None
+        if isinstance(source, list):  # files: all of the first one's size
+            with Image.open(source[0]) as first:
+                self.size = first.size
 
     def __len__(self):
         return len(self.index)
@@ -548,6 +551,7 @@ def precision_recall(real, fake, k=3, chunk=5000):
         return torch.cat([(squared_distances(c, centers) <= r).any(dim=1) for c in x.split(chunk)]).double().mean()
 
     return float(share_inside(fake, real, radii(real))), float(share_inside(real, fake, radii(fake)))
+
 
 # -----------------------------------------------------------------------------
 # Inputs: statistics npz, image npz (memory-mapped) or image folder

@@ -56,13 +56,11 @@ def load_checkpoint(path):
 def load_generator(path, ema_decay=None, raw=False):
     """Generator in eval mode from our checkpoint file (the EMA of decay ema_decay, by default the run's
     first, or the raw weights) or from an official artifact folder or name (EMA only)."""
-    if not os.path.isfile(path):
-        if path.endswith(".pt"):
-            raise ValueError(f"no checkpoint file at {path}")
+    if not os.path.isfile(path) and not path.endswith(".pt"):  # an official artifact folder or name
         if raw or ema_decay is not None:
             raise ValueError(f"official artifacts hold one EMA only; --raw/--ema need a checkpoint file, got {path}")
         return load_official(path)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path)  # a missing .pt is one message here, not a download attempt
     if ckpt["args"].get("stage") != "gen":
         raise ValueError(f"{path} is a --stage {ckpt['args'].get('stage')} checkpoint; sampling needs a generator's "
                          "(--stage gen)")
