@@ -91,8 +91,9 @@ def official_tree(cfg, rng):
     M = (int(2 / 3 * int(D * cfg["mlp_ratio"])) + 31) // 32 * 32
     r = lambda *shape: (0.3 * rng.standard_normal(shape)).astype(np.float32)
     dense = lambda i, o: {"Dense_0": {"kernel": r(i, o), "bias": r(o)}}
+    styles = cfg["noise_coords"] if cfg["noise_classes"] else 0  # noise_classes 0: no style codebooks
     tree = {"Embed_0": {"embedding": r(cfg["num_classes"], Dc)},
-            **{f"noise_embeds_{i}": {"embedding": r(cfg["noise_classes"], Dc)} for i in range(cfg["noise_coords"] * (cfg["noise_classes"] > 0))},
+            **{f"noise_embeds_{i}": {"embedding": r(cfg["noise_classes"], Dc)} for i in range(styles)},
             "TimestepEmbedder_0": {"TorchLinear_0": dense(256, Dc), "TorchLinear_1": dense(Dc, Dc)},
             "RMSNorm_0": {"weight": r(Dc)}}
     dit = {"TorchLinear_0": dense(p * p * C, D), "pos_embed": r(1, N, D), "TorchLinear_1": dense(Dc, D),
