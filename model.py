@@ -1,7 +1,7 @@
 """The one-step generator of Drifting Models: a DiT with the official release's conditioning.
 
 References:
-- Deng et al. 2026, "Generative Modeling via Drifting", Sec. 4 and A.2 (SPEC.md section 5).
+- Deng et al. 2026, "Generative Modeling via Drifting", Sec. 4 and A.2.
 - The authors' JAX release, models/generator.py (DitGen wrapping LightningDiT): every detail the
   paper leaves open (alpha embedding, register tokens, RoPE layout, SwiGLU width, inits) follows it.
 - Peebles & Xie 2023, DiT (adaLN-zero, patchify, presets); Yao et al. 2025, LightningDiT (SwiGLU,
@@ -256,9 +256,12 @@ class DiT(nn.Module):
             raise ValueError(f"expected noise (B, {', '.join(map(str, expected))}) and style_idx "
                              f"(B, {self.num_style_tokens}), got {tuple(noise.shape)} and {tuple(style_idx.shape)}")
         alpha = torch.as_tensor(alpha, dtype=torch.float32, device=noise.device).expand(B)
-        # token i's index picks a row of codebook i (an index past style_vocab is an IndexError, not the next book)
-        books = self.style_embed.weight.view(self.num_style_tokens, self.style_vocab, self.cond_dim)
-        styles = books[torch.arange(self.num_style_tokens, device=style_idx.device), style_idx]  # (B, S, Dc)
+        # token i's index picks row i * style_vocab + index (codebook i); one outside [0, style_vocab) is sent past the
+        # table's end, an IndexError rather than another book's row. The embedding's backward sums repeated rows in a
+        # fixed order (advanced indexing's did not on CPUs, so CPU runs did not repeat bit for bit)
+        rows = style_idx + self.style_vocab * torch.arange(self.num_style_tokens, device=style_idx.device)
+        rows = torch.where((style_idx >= 0) & (style_idx < self.style_vocab), rows, self.style_embed.num_embeddings)
+        styles = self.style_embed(rows)  # (B, S, Dc)
         # c summed term by term in the stream's dtype (bf16 under autocast), as the official use_bf16 models do
         dev = noise.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32

@@ -131,13 +131,32 @@ def test_style_indices_change_the_sample():
     assert not torch.allclose(a, b)
 
 
-def test_style_index_past_its_codebook_raises():
-    # token 0's index 64 is out of its 64-row codebook (one table holds all 32): an error, not token 1's row 0
+@pytest.mark.parametrize("bad", [64, -1])
+def test_style_index_past_its_codebook_raises(bad):
+    # token 1's index 64 (or -1) is outside its 64-row codebook (one table holds all 32): an error, not a row of
+    # token 2's (or 0's) codebook
     model = tiny()
     noise, style = model.draw_inputs([0])
-    style[0, 0] = model.style_vocab
+    style[0, 1] = bad
     with pytest.raises(IndexError):
         model(noise, torch.tensor([1]), 1.0, style)
+
+
+def test_gradients_repeat_bit_for_bit_on_two_threads():
+    # 512 samples pick each style row ~8 times: the sums of the rows' gradients must not depend on thread timing
+    model = tiny()
+    noise, style = model.draw_inputs(list(range(512)))
+    labels = torch.arange(512) % 10
+    grads, threads = [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(4):
+            model.zero_grad()
+            model(noise, labels, 1.5, style).square().mean().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for g in grads[1:] for a, b in zip(grads[0], g))
 
 
 def test_remat_gives_the_same_gradients():
