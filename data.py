@@ -1,5 +1,5 @@
 """
-The data of train.py, as the paper's sample queues consume it (SPEC 7).
+The data of train.py, as the paper's sample queues consume it (paper A.8-A.9).
 
   Data         a labelled set in one array: Fashion-MNIST (official IDX files), CIFAR-10 (python batches),
                ImageNet latents or pixels (the caches of prepare_imagenet.py); fetch(item ids) -> model inputs.
@@ -18,6 +18,7 @@ import urllib.request
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -75,6 +76,20 @@ def download_file(url, path, offline_hint):
     return path
 
 
+def init_distributed():
+    """(rank, world size, device) of this process: under torchrun (RANK set) one rank of an NCCL group on its
+    LOCAL_RANK's GPU (gloo on CPUs), else one plain process. device_id binds NCCL to the rank's GPU (else each barrier
+    guesses it, with a warning)."""
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def download_fmnist(root):
     """Fetch the official files that are missing from root (Zalando's Fashion-MNIST mirror)."""
     for path in fmnist_files(root, "train") + fmnist_files(root, "test"):
@@ -117,7 +132,8 @@ class Data:
             path, label_path = (os.path.join(root, f"{split}_{k}.npy") for k in (kind, "labels"))
             if not (os.path.exists(path) and os.path.exists(label_path)):
                 raise ValueError(f"{root}: expected {os.path.basename(path)} and {split}_labels.npy "
-                                 f"written by prepare_imagenet.py{' --pixels' if kind == 'pixels' else ''}")
+                                 f"written by prepare_imagenet.py{' --pixels' if kind == 'pixels' else ''} "
+                                 f"(--dataset {name}; Fashion-MNIST or CIFAR-10: --dataset fmnist or cifar10)")
             images, labels = np.load(path, mmap_mode="r"), np.load(label_path)
             progress = path[:-len(".npy")] + ".done*"  # none: a cache made otherwise, taken as whole
             if glob.glob(progress) and not rows_done(progress, len(images)).all():
@@ -182,7 +198,7 @@ class Stream:
 
 
 class SampleQueue:
-    """Per-class FIFO of item ids (SPEC 7; official memory_bank.py): push appends, evicting the oldest, and
+    """Per-class FIFO of item ids (paper A.8-A.9; official memory_bank.py): push appends, evicting the oldest, and
     draw samples without replacement. Ids rather than tensors keep it tiny: images are fetched at draw time. Each
     id may carry `extra` floats that travel with it (the crop box it was pushed with). One extra trash column
     absorbs the writes of items that a single push both adds and evicts, so pushes never sync with the host."""

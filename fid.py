@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import download_file
+from data import download_file, init_distributed
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -322,6 +322,8 @@ def is_torchscript(path):
 def load_inception(path=None, resize="tf1"):
     """FID-Inception in eval mode from a pytorch-fid .pth or an NVIDIA-layout TorchScript file; resize: RESIZES."""
     path = path or default_weights()
+    if not os.path.isfile(path):
+        raise ValueError(f"no Inception weights file at {path}")
     try:
         if is_torchscript(path):
             state = rename_torchscript(torch.jit.load(path, map_location="cpu").state_dict())
@@ -501,18 +503,6 @@ def load_statistics(path):
     return ref
 
 
-def fid_from_images(images, ref, weights=None, batch_size=250, device=None):
-    """FID of this rank's uint8 images [N, H, W, 3 or 1] (all ranks together under torchrun)
-    against reference statistics: an npz with mu/sigma or a (mu, sigma) pair."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ref = load_statistics(ref) if isinstance(ref, (str, os.PathLike)) else ref
-    if not isinstance(ref, tuple):
-        raise ValueError("expected reference statistics: an npz with mu and sigma, or (mu, sigma)")
-    mu_ref, sigma_ref = ref
-    mu, sigma = compute_statistics(images, load_inception(weights).to(device), batch_size, device)
-    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
-
-
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64.
     tr sqrt(S1 S2) = sum sqrt(eig(R S2 R)) with R = S1^(1/2): R S2 R is symmetric PSD and shares
@@ -604,35 +594,32 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="FID (IS, precision and recall) with the TF-2015 FID-Inception")
     parser.add_argument("paths", nargs="+", help="two inputs for FID, one with --save-stats; each an "
                         "npz of uint8 arr_0 [N, H, W, C], a folder of PNG/JPEG, or an npz of mu/sigma")
-    parser.add_argument("--save-stats", default=None, help="write the input's {mu, sigma} to this npz")
+    parser.add_argument("--save-stats", "--save_stats", default=None, help="write the input's {mu, sigma} to this npz")
     parser.add_argument("--weights", default=None, help="pytorch-fid .pth or NVIDIA-layout TorchScript")
-    parser.add_argument("--batch-size", type=int, default=250, help="images per batch and rank")
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=250, help="images per batch and rank")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if any, else cpu")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="decode workers")
-    parser.add_argument("--pr_ref", default=None, help="reference images (npz arr_0 or folder) for precision "
-                        "and recall of the first input, k = 3 (the release's: 10,000 ImageNet validation images)")
+    parser.add_argument("--pr_ref", "--pr-ref", default=None, help="reference images (npz arr_0 or folder) for "
+                        "precision and recall of the first input, k = 3 (the release's: 10,000 ImageNet validation "
+                        "images)")
     parser.add_argument("--resize", default="tf1", choices=RESIZES, help="to 299: tf1 (TF1's legacy bilinear, "
                         "as ADM's and NVIDIA's evaluators) or bilinear (torch's half-pixel, as the official release)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # (each flag also takes the other spelling: --batch_size, --pr-ref, ...)
     if len(args.paths) != (1 if args.save_stats else 2):
         parser.error("give two inputs to compare, or one input with --save-stats")
 
-    distributed = "RANK" in os.environ  # started by torchrun
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world_size, device = init_distributed()  # one process, or one rank under torchrun
+    distributed = dist.is_initialized()
+    device = torch.device(args.device) if args.device else device
 
+    paths = args.paths + ([args.pr_ref] if args.pr_ref else [])
+    sources = [load_source(path, images=i == len(args.paths)) for i, path in enumerate(paths)]  # all checked first
+    if args.pr_ref and isinstance(sources[0], tuple):
+        raise ValueError(f"{paths[0]}: precision and recall (--pr_ref) need the images, not statistics")
     model, all_stats, features = None, [], []
-    for i, path in enumerate(args.paths + ([args.pr_ref] if args.pr_ref else [])):
+    for i, (path, source) in enumerate(zip(paths, sources)):
         pr_input = args.pr_ref is not None and i in (0, len(args.paths))  # the first input and the P/R reference
-        source = load_source(path, images=i == len(args.paths))
         if isinstance(source, tuple):
-            if pr_input:
-                raise ValueError(f"{path}: precision and recall (--pr_ref) need the images, not statistics")
             all_stats.append(source)
             continue
         if model is None:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from data import rows_done
+from data import init_distributed, rows_done
 from vae import encode_latents, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -104,14 +104,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     trees = {split: image_folder(os.path.join(args.data_path, split)) for split in args.splits.split(",")}  # all, first
 
-    distributed = "RANK" in os.environ  # launched by torchrun
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rank, world, device = init_distributed()  # one process, or one rank under torchrun
+    distributed = dist.is_initialized()
     barrier = dist.barrier if distributed else (lambda: None)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # the cache is made once
     vae = None if args.pixels else load_vae(args.vae).to(device)
     if vae is not None and device.type == "cuda" and not args.no_compile:  # ~1.8x the images a second (README)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from data import init_distributed
 from model import DiT_models
 from official import load_official
 from vae import SCALE, load_vae
@@ -49,7 +50,7 @@ def load_checkpoint(path):
     except Exception as err:
         raise ValueError(f"{path} is not a train.py checkpoint ({type(err).__name__})") from err
     if not isinstance(ckpt, dict) or not {"model", "ema", "args", "step"} <= ckpt.keys():
-        raise ValueError(f"{path} is not a train.py checkpoint (expected keys model, ema, opt, step, args)")
+        raise ValueError(f"{path} is not a train.py checkpoint (expected keys model, ema, step, args)")
     return ckpt
 
 
@@ -129,13 +130,9 @@ def main(argv=None):
     if not math.isfinite(args.alpha) or min(args.num_samples, args.grid_size - 1, args.batch_size - 1) < 0:
         raise ValueError("--alpha must be finite, --num_samples not negative, --grid_size and --batch_size positive")
 
-    distributed = "RANK" in os.environ  # launched by torchrun
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    rank, world, device = init_distributed()  # one process, or one rank under torchrun
+    distributed = dist.is_initialized()
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     bf16 = device.type == "cuda" and not args.fp32
 

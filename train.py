@@ -1,11 +1,11 @@
 """
 Train a Drifting Model (Deng et al. 2026) in its two stages, with one script.
 
-  --stage mae  pretrain the ResNet-MAE feature encoder (SPEC 4): 2x2 patches hidden with p=0.5, L2 loss on the
+  --stage mae  pretrain the ResNet-MAE feature encoder (paper A.3): 2x2 patches hidden with p=0.5, L2 loss on the
                hidden area, optionally a classification fine-tune over the last steps.
-  --stage gen  train the one-step DiT generator with the drifting loss (SPEC 3, 6, 7) in the frozen encoder's
-               feature space: each step N_c classes, N_neg generated, N_pos positives and N_unc unconditional
-               reals per class, the reals drawn from MoCo-like sample queues (data.py).
+  --stage gen  train the one-step DiT generator with the drifting loss (paper Sec. 3.4-3.5, A.5-A.9) in the
+               frozen encoder's feature space: each step N_c classes, N_neg generated, N_pos positives and N_unc
+               unconditional reals per class, the reals drawn from MoCo-like sample queues (data.py).
 
 Defaults are the paper's Table 8 "ablation" column (latent DiT-B/2, latent MAE of width 256), as the official
 configs/gen/latent_ablation.yaml and configs/mae/latent_ablation_256.yaml. --preset picks small settings for
@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import drift
 import fid
 from convnext import load_convnext_v2
-from data import Data, SampleQueue, Stream, crop_boxes, download_fmnist, random_resized_crop, resized_crop
+from data import (Data, SampleQueue, Stream, crop_boxes, download_fmnist, init_distributed, random_resized_crop,
+                  resized_crop)
 from model import DiT_models, MAE_models
 from official import load_official
 from sample import generate, load_checkpoint, make_grid, save_png
@@ -56,7 +57,7 @@ STAGE_DEFAULTS = {
 # step 1200); EMA 0.995: this short run still moves fast, and 0.999 lags (an earlier run: 15.0 vs 25.5). The MAE
 # sees whole images (crop_min 1): its RandomResizedCrop (0.2, as on ImageNet) cost the generator 12-21 FID points
 # at step 600 (README, the crop table); runs A-E there trained with the crops.
-# fmnist_cpu: a smoke run of the whole pipeline on a CPU in a few minutes (blurry samples, no FID).
+# fmnist_cpu: a smoke run of the whole pipeline on a CPU in a few minutes (its 60 steps leave grey noise; no FID).
 FMNIST = dict(dataset="fmnist", data="data/fashion-mnist", log_every=50, ckpt_every=500, sample_every=500)
 PRESETS = {
     "fmnist": {
@@ -105,7 +106,7 @@ def get_args(argv=None):
     p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW betas")
     p.add_argument("--grad_clip", type=float, default=2.0, help="global grad-norm clip")
     p.add_argument("--ema_decays", type=float, nargs="+", default=None, help="EMA decays kept at once")
-    # generator batch (SPEC 6, 7)
+    # generator batch (paper A.7-A.9)
     p.add_argument("--nc", type=int, default=64, help="classes per step, all ranks together (N_c)")
     p.add_argument("--n_pos", type=int, default=64, help="positives per class (N_pos)")
     p.add_argument("--n_neg", type=int, default=64, help="generated samples per class (N_neg)")
@@ -146,7 +147,7 @@ def get_args(argv=None):
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile (used by default on GPU)")
     p.add_argument("--remat", type=int, nargs="?", const=True, default=0, help="gen: recompute every DiT block "
                    "(--remat) or the first K (--remat K) in the backward (official use_remat), one more block forward "
-                   "each; the ablation shape fits an 80 GB card from K = 3 of B/2's 12 blocks (74 GiB on an H100)")
+                   "each; at the ablation shape K = 3 of B/2's 12 blocks is fastest on an 80 GB H100 (74 GiB)")
     args, _ = p.parse_known_args(argv)
     p.set_defaults(**{**STAGE_DEFAULTS[args.stage], **PRESETS.get(args.preset, {}).get(args.stage, {})})
     args = p.parse_args(argv)
@@ -174,7 +175,7 @@ def get_args(argv=None):
 # The generator's loss
 
 def encoder_features(encoder, x, convnext=None):
-    """The vectors drifted for a batch x (B, C, H, W): name -> (B, L, C'), the encoder's vector sets (SPEC 3)
+    """The vectors drifted for a batch x (B, C, H, W): name -> (B, L, C'), the encoder's vector sets (paper A.5-A.6)
     plus the raw output ('global'); only 'global' without an encoder. Pixel models add the ConvNeXt-V2 sets,
     which the official release builds its own way (convnext.py), simply summed into the loss with the others."""
     sets = (drift.feature_sets({}, raw=x) if encoder is None else
@@ -185,7 +186,7 @@ def encoder_features(encoder, x, convnext=None):
 
 
 def drift_objective(x_gen, x_real, alpha, features, n_pos, n_unc, temperatures, reduce=None, **ablation):
-    """Drifting loss of this rank's class groups (SPEC 3, 6). x_gen (Nc*N_neg, C, H, W) and
+    """Drifting loss of this rank's class groups (paper Sec. 3.4-3.5, A.5-A.7). x_gen (Nc*N_neg, C, H, W) and
     x_real (Nc*(N_pos+N_unc), C, H, W) are class-major, the reals being each class's positives then its
     unconditional negatives; alpha (Nc,) the CFG scale of each class; features: x -> encoder_features.
     The reals go through the encoder once, without autograd: in one pass with the generated samples the conv
@@ -245,15 +246,8 @@ def main(argv=None):
     args = get_args(argv)
 
     # ---- distributed: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python runs one process ----
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if ddp:  # device_id binds NCCL to this rank's GPU (else each barrier guesses it, with a warning)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    rank, world, device = init_distributed()
+    ddp = dist.is_initialized()
     print0 = print if rank == 0 else (lambda *a, **k: None)
     barrier = dist.barrier if ddp else (lambda: None)
     mean_over_ranks = (lambda t: funcol.all_reduce(t, "sum", dist.group.WORLD) / world) if ddp else (lambda t: t)
@@ -284,7 +278,7 @@ def main(argv=None):
         download_fmnist(args.data)
     barrier()
     data = Data(args.dataset, args.data, "train", device)
-    pixels = None  # the latent MAE's crops: of the image, then SD-VAE encoded (SPEC 4; official: use_aug, no cache)
+    pixels = None  # the latent MAE's crops: of the image, then SD-VAE encoded (paper A.3; official: use_aug, no cache)
     if not gen_stage and args.dataset == "imagenet" and args.crop_min < 1:
         if not os.path.exists(os.path.join(args.data, "train_pixels.npy")):
             raise ValueError(f"{args.data}: the latent MAE crops the images before the SD-VAE, which needs the crops "
@@ -333,7 +327,7 @@ def main(argv=None):
     else:
         if args.model not in MAE_models:
             raise ValueError(f"--model must be one of {list(MAE_models)} for --stage mae, got {args.model}")
-        # the ResNet always runs on a 32x32 grid: 256x256 pixels are patchified 8x8 first (SPEC 4)
+        # the ResNet always runs on a 32x32 grid: 256x256 pixels are patchified 8x8 first (paper A.3)
         if args.input_size % 32:
             raise ValueError(f"the MAE needs images of a multiple of 32 a side, got {'x'.join(map(str, data.shape))}")
         raw_model = MAE_models[args.model](in_channels=args.in_channels, num_classes=args.num_classes,
@@ -401,7 +395,7 @@ def main(argv=None):
     # ---- compile, then DDP ----
     model = torch.compile(raw_model) if use_compile else raw_model
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if gen_stage:
         # The drift step is compiled on its own, one graph per feature width (drift.compile_drift): compiled with
         # the encoder, its ~90 feature sets x 3 temperatures would make a ~16k-node graph that takes many minutes.
@@ -544,7 +538,7 @@ def main(argv=None):
                 line += "drift " + " ".join(f"T{T:g} {v:.3g}" for T, v in zip(args.temperatures, values[2:2 + k]))
                 line += " (raw " + " ".join(f"{v:.3g}" for v in values[2 + k:]) + ")"
             else:
-                line += f"recon {values[2]:.4f} acc {values[3]:.3f}"
+                line += f"recon {values[2]:.4f}" + (f" acc {values[3]:.3f}" if lambda_cls > 0 else "")  # head trained
             line += f" | gnorm {values[1]:.3f} | lr {lr:.2e}"
             if t_last is not None and step > t_last[1]:  # compile and warm-up (the first step) left out
                 sec = (now - t_last[0]) / (step - t_last[1])
