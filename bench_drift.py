@@ -39,6 +39,8 @@ parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=
 parser.add_argument("--small", action="store_true", help="tiny encoder and batch on the CPU, a smoke run")
 parser.add_argument("--profile", action="store_true", help="then profile 3 drift loss calls: the top kernels")
 args = parser.parse_args()
+if not (args.small or torch.cuda.is_available()):
+    parser.error("no GPU: this benchmark times GPUs at full size (--small: a CPU smoke run)")
 if args.small:
     args.encoder, args.nc, args.n_gen, args.n_pos, args.n_unc, args.iters, args.warmup = "tiny", 2, 4, 4, 2, 2, 1
 

@@ -24,6 +24,8 @@ parser.add_argument("--no_compile", action="store_true", help="eager mode")
 parser.add_argument("--iters", type=int, default=10, help="timed iterations (median)")
 parser.add_argument("--rows", default="", help="only the rows whose name contains this (e.g. MAE)")
 args = parser.parse_args()
+if not (args.small or torch.cuda.is_available()):
+    parser.error("no GPU: this benchmark times GPUs at full size (--small: a CPU smoke run)")
 
 device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
 torch.backends.cuda.matmul.allow_tf32 = True

@@ -26,13 +26,11 @@ from vae import AutoencoderKL
 def timed(fn, iters):
     """Seconds per call after one warm-up call (which also triggers compilation)."""
     fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    torch.cuda.synchronize()
     return (time.perf_counter() - start) / iters
 
 
@@ -50,11 +48,11 @@ def main():
     parser.add_argument("--iters", type=int, default=5, help="timed calls per measurement")
     parser.add_argument("--compile", action="store_true", help="torch.compile generator and decoder")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        parser.error("no GPU: this benchmark times GPUs")
+    device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    bf16 = device.type == "cuda"
-    print(f"device {torch.cuda.get_device_name() if bf16 else 'cpu'}, torch {torch.__version__}, "
-          f"{'bf16 autocast' if bf16 else 'fp32'}, compile {args.compile}")
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast, compile {args.compile}")
 
     vae = AutoencoderKL().to(device).eval().requires_grad_(False)
     if args.compile:
@@ -67,21 +65,20 @@ def main():
         if args.compile:
             model.forward = torch.compile(model.forward)
         for batch in map(int, args.batch_sizes.split(",")):
-            if bf16:
-                torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats()
             noise, style = model.draw_inputs(range(batch), device)
             labels, alpha = torch.arange(batch, device=device) % 1000, torch.ones(batch, device=device)
             try:
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                     gen = batch / timed(lambda: model(noise, labels, alpha, style), args.iters)
                     dec = batch / timed(lambda: decoder.decode(noise), args.iters) if decoder else float("nan")
                 total = batch / timed(lambda: generate(model, decoder, list(range(batch)), list(range(1000)),
-                                                       1.0, 0, bf16), args.iters)
+                                                       1.0, 0, True), args.iters)
             except torch.OutOfMemoryError:
                 print(f"{name:<14}{batch:>6}  out of memory")
                 torch.cuda.empty_cache()
                 continue
-            peak = torch.cuda.max_memory_allocated() / 2**30 if bf16 else float("nan")
+            peak = torch.cuda.max_memory_allocated() / 2**30
             print(f"{name:<14}{batch:>6}{gen:>11.1f}{dec:>14.1f}{total:>18.1f}{peak:>9.1f}")
             best[name] = max(best.get(name, 0.0), total)
         del model

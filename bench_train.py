@@ -50,6 +50,8 @@ parser.add_argument("--profile", action="store_true", help="profile 3 whole step
 parser.add_argument("--convnext", action="store_true", help="pixel models: ConvNeXt-V2-Base features too "
                     "(random weights: the speed does not depend on them), e.g. --model B/16 --encoder pixel_640")
 args = parser.parse_args()
+if not (args.small or torch.cuda.is_available()):
+    parser.error("no GPU: this benchmark times GPUs at full size (--small: a CPU smoke run)")
 if args.small:
     args.model, args.encoder, args.nc, args.n_pos, args.n_neg, args.n_unc = "T/2", "tiny", 2, 4, 4, 2
     args.iters, args.warmup = 2, 1

@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import CACHE_DIR, download_file
-from vae import read_safetensors
+from drift import safe_std
+from vae import read_state_dict
 
 _CNX_IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _CNX_IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,13 +77,6 @@ def _cnx_channel_normalize(y):
     mean = y.mean(dim=1, keepdim=True)
     std = y.std(dim=1, keepdim=True, correction=0)
     return (y - mean) / (std + 1e-3)
-
-
-def _cnx_safe_std(v):
-    """(B, L, C) -> (B, 1, C) std over locations, float32, eps inside the sqrt."""
-    v = v.float()
-    var = (v - v.mean(dim=1, keepdim=True)).square().mean(dim=1, keepdim=True)
-    return torch.sqrt(var.clamp_min(0.0) + 1e-6)
 
 
 class ConvNeXtV2(nn.Module):
@@ -151,7 +145,7 @@ class ConvNeXtV2(nn.Module):
             if i > 0:
                 sets[name] = v
             sets[f"{name}_mean"] = v.mean(dim=1, keepdim=True)  # (B, 1, C)
-            sets[f"{name}_std"] = _cnx_safe_std(v)  # (B, 1, C)
+            sets[f"{name}_std"] = safe_std(v.float(), dim=1)[:, None]  # (B, 1, C), float32, as the official
         sets["convnext_global_mean"] = acts["convnext_pooled"].flatten(1)[:, None, :]  # (B, 1, C)
         # The official's global_std equals stage_3_std; it is kept so each gets its own loss, as there.
         sets["convnext_global_std"] = sets["convnext_stage_3_std"]
@@ -217,13 +211,6 @@ def convnext_state_dict_from_hf(hf_state):
     return out
 
 
-def _cnx_read_checkpoint(path):
-    """State dict of a .safetensors file, or of a torch-saved .bin / .pt file."""
-    if path.endswith(".safetensors"):
-        return read_safetensors(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _cnx_download(repo, cache_dir):
     """Fetch the checkpoint of a Hugging Face repo into cache_dir (safetensors if the repo has it,
     else pytorch_model.bin, which is what facebook/convnextv2-* ship); returns the local path."""
@@ -254,5 +241,5 @@ def load_convnext_v2(name="base", path=None, cache_dir=None, resolution=224):
     if path is None:
         path = _cnx_download(_CNX_HF_NAMES[name], cache_dir or CACHE_DIR)
     model = ConvNeXt_models[name](resolution=resolution)
-    model.load_state_dict(convnext_state_dict_from_hf(_cnx_read_checkpoint(path)), strict=True)
+    model.load_state_dict(convnext_state_dict_from_hf(read_state_dict(path)), strict=True)
     return model.eval().requires_grad_(False)

@@ -297,7 +297,7 @@ _frozen_fn = _frozen  # compile_drift() swaps in the compiled version
 
 def compile_drift(mode=None):
     """Run the frozen part of the drift (targets, field, loss value and gradient) through torch.compile, one graph
-    per feature width (a dozen per training step), as train.py does on GPUs. mode: torch.compile's."""
+    per feature width (six for our MAEs' feature sets), as train.py does on GPUs. mode: torch.compile's."""
     global _frozen_fn
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     _frozen_fn = torch.compile(_frozen, dynamic=False, mode=mode)
@@ -396,7 +396,7 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
     return loss, _info(scale[0], mean_sq[0], temperatures)
 
 
-def _std(x, dim):
+def safe_std(x, dim):
     # Population std with the official's epsilon inside the sqrt. On GPUs torch.var: compiled, the ablation's feature
     # sets took 18.2 ms forward and backward against 21.5 with the official's two passes (the mean, then the mean
     # squared deviation; H200). On a CPU the two passes are faster: the fmnist_cpu generator 1.1-1.2 s/step, not 2.1.
@@ -426,14 +426,14 @@ def feature_sets(maps, x=None, raw=None):
         fmap = fmap.float()
         B, C, H, W = fmap.shape
         out[f"{name}_mean"] = fmap.mean(dim=(2, 3))[:, None, :]
-        out[f"{name}_std"] = _std(fmap.flatten(2), dim=2)[:, None, :]
+        out[f"{name}_std"] = safe_std(fmap.flatten(2), dim=2)[:, None, :]
         for s in (2, 4):
             if H % s == 0 and W % s == 0:
                 # (B, C, H/s, s, W/s, s) -> patches (B, L, C, s*s), locations row-major
                 patches = fmap.reshape(B, C, H // s, s, W // s, s).permute(0, 2, 4, 1, 3, 5)
                 patches = patches.reshape(B, (H // s) * (W // s), C, s * s)
                 out[f"{name}_mean_{s}"] = patches.mean(-1)
-                out[f"{name}_std_{s}"] = _std(patches, dim=-1)
+                out[f"{name}_std_{s}"] = safe_std(patches, dim=-1)
     return out
 
 

@@ -208,7 +208,7 @@ def mae_from_official(metadata, params):
         raise ValueError(f"unknown MAE model_config keys: {sorted(unknown)}")
     params = params.get("params", params)
     flat = flatten(params)
-    # Defaults are those of the official MAEResNetJAX, which _mae_from_metadata relies on. The
+    # Defaults are those of the official MAEResNetJAX, for keys a metadata.json leaves out. The
     # released metadata omits num_classes, so read it off the fc kernel. dropout_prob (0 in every
     # config) and use_bf16 do not change the weights: we run in eval and use autocast instead.
     fc_kernel = flat.get("fc/kernel")

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import convnext
 from convnext import ConvNeXtV2, ConvNeXtV2_B, convnext_state_dict_from_hf, load_convnext_v2
+from vae import read_state_dict
 
 DEPTHS, DIMS = (2, 1, 2, 1), (8, 16, 24, 32)
 
@@ -97,7 +98,7 @@ def test_loads_safetensors_and_bin_files(tmp_path):
     expected = tiny_ours(hf).state_dict()
     for name in ("m.safetensors", "pytorch_model.bin"):
         model = ConvNeXtV2(DEPTHS, DIMS)
-        model.load_state_dict(convnext_state_dict_from_hf(convnext._cnx_read_checkpoint(str(tmp_path / name))))
+        model.load_state_dict(convnext_state_dict_from_hf(read_state_dict(str(tmp_path / name))))
         assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected), name
 
 

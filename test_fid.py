@@ -85,6 +85,11 @@ def test_truncated_weights_file_is_a_clear_error(fmt, torchscript, torchscript_p
         fid.load_inception(str(tmp_path / "part"))
 
 
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no Inception weights file at .*nope.pt"):
+        fid.load_inception(str(tmp_path / "nope.pt"))
+
+
 def test_frechet_identical_statistics_is_zero():
     # d(P, P) = 0
     rng = np.random.default_rng(0)
@@ -273,6 +278,17 @@ def test_cli_precision_recall(with_fc, tmp_path, monkeypatch, capsys):
     assert "precision: 1.0000, recall: 1.0000" in capsys.readouterr().out
     with pytest.raises(ValueError, match="need the images, not statistics"):
         fid.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), *args])
+
+
+def test_bad_second_input_fails_before_the_first_is_scored(tmp_path, monkeypatch):
+    # a mistyped reference must not cost a pass of Inception over the samples first
+    def no_inception(*args, **kwargs):
+        raise AssertionError("Inception loaded before the inputs were checked")
+    monkeypatch.setattr(fid, "load_inception", no_inception)
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty: no PNG/JPEG images found"):
+        fid.main([str(tmp_path / "samples.npz"), str(tmp_path / "empty"), "--device", "cpu"])
 
 
 def test_kept_features_of_rank_shares_add_up_to_all():

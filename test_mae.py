@@ -30,7 +30,8 @@ def test_tiny_activation_shapes():
         assert f.shape == (2, 32 * 2 ** (i - 1), 32 // 2 ** (i - 1), 32 // 2 ** (i - 1)), name
 
 
-@pytest.mark.parametrize("preset,shape,width", [("latent_256", (2, 4, 32, 32), 256), ("pixel_640", (2, 3, 256, 256), 640)])
+@pytest.mark.parametrize("preset,shape,width", [("latent_256", (2, 4, 32, 32), 256),
+                                                 ("pixel_640", (2, 3, 256, 256), 640)])
 def test_full_preset_maps_are_the_official_twelve(preset, shape, width):
     # [3,4,6,3]: 5 stage maps + every 2nd block (1 + 2 + 3 + 1), all distinct; layer4 is 8C x 4x4
     with torch.device("meta"):

@@ -327,7 +327,8 @@ def official_mae_tree(in_channels, width, layers, patch, num_classes, seed=0):
 
     c = width
     decoder = {"bridge": {"conv": conv(3, 8 * c, 8 * c), "gn": gn(8 * c)}, "up43": up(12 * c, 4 * c),
-               "up32": up(6 * c, 2 * c), "up21": up(3 * c, c), "up10": up(2 * c, c), "head": conv(1, c, grid, bias=True)}
+               "up32": up(6 * c, 2 * c), "up21": up(3 * c, c), "up10": up(2 * c, c),
+               "head": conv(1, c, grid, bias=True)}
     fc = {"kernel": rng.standard_normal((8 * c, num_classes)).astype(np.float32),
           "bias": rng.standard_normal(num_classes).astype(np.float32)}
     return {"params": {"encoder": encoder, "decoder": decoder, "fc": fc}}
@@ -343,7 +344,8 @@ def test_mae_from_official_maps_every_tensor():
     model = mae_from_official(MAE_META, tree)
     p = tree["params"]
     assert model.fc.out_features == 7 and model.mask_patch == 2 and model.layers == (1, 2, 1, 2)
-    assert torch.equal(model.encoder.conv1.weight[5, 11, 2, 0], torch.tensor(p["encoder"]["conv1"]["kernel"][2, 0, 11, 5]))
+    conv1 = p["encoder"]["conv1"]["kernel"]
+    assert torch.equal(model.encoder.conv1.weight[5, 11, 2, 0], torch.tensor(conv1[2, 0, 11, 5]))
     proj = p["encoder"]["stages_1"]["layers_0"]["proj_conv"]["kernel"]
     assert torch.equal(model.encoder.stages[1][0].proj_conv.weight[:, :, 0, 0], torch.tensor(proj[0, 0].T))
     assert torch.equal(model.fc.weight, torch.tensor(p["fc"]["kernel"].T))

@@ -144,7 +144,7 @@ def test_latent_cache_trains(tmp_path):
 
 
 def test_latent_mae_encodes_crops_of_the_images(tmp_path, monkeypatch):
-    # SPEC 4 (the official latent MAE configs: use_aug, no cache): the MAE on latents sees SD-VAE latents of random
+    # paper A.3 (the official latent MAE configs: use_aug, no cache): the MAE on latents sees SD-VAE latents of random
     # crops of the images (a small random VAE here); without the pixel cache, one clear error, and
     # --crop_min 1 trains on the cached latents alone
     rng = np.random.default_rng(0)

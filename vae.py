@@ -196,6 +196,13 @@ def read_safetensors(path):
     return tensors
 
 
+def read_state_dict(path):
+    """State dict of a .safetensors file, or of a torch-saved .bin / .pt file."""
+    if str(path).endswith(".safetensors"):
+        return read_safetensors(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def download(name):
     """Cached path of the ft-`name` safetensors file, downloading it once when online."""
     return download_file(URLS[name], os.path.join(CACHE_DIR, f"sd-vae-ft-{name}.safetensors"),
@@ -220,10 +227,7 @@ def load_vae(path="mse"):
         path = next((f for f in files if os.path.exists(f)), files[0])
     if not os.path.exists(path) or not path.endswith((".safetensors", ".bin")):
         raise ValueError(f"expected 'ema', 'mse', a diffusers folder or a .safetensors/.bin file, got {path!r}")
-    if path.endswith(".safetensors"):
-        state = read_safetensors(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state_dict(path)
     renames = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
     state = {re.sub(r"attentions\.0\.(query|key|value|proj_attn)\.", lambda m: f"attentions.0.{renames[m[1]]}.", k): v
              for k, v in state.items()}
