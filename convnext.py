@@ -145,7 +145,7 @@ class ConvNeXtV2(nn.Module):
             if i > 0:
                 sets[name] = v
             sets[f"{name}_mean"] = v.mean(dim=1, keepdim=True)  # (B, 1, C)
-            sets[f"{name}_std"] = safe_std(v.float(), dim=1)[:, None]  # (B, 1, C), float32, as the official
+            sets[f"{name}_std"] = safe_std(v.float(), dim=1)[:, None]  # (B, 1, C), in float32
         sets["convnext_global_mean"] = acts["convnext_pooled"].flatten(1)[:, None, :]  # (B, 1, C)
         # The official's global_std equals stage_3_std; it is kept so each gets its own loss, as there.
         sets["convnext_global_std"] = sets["convnext_stage_3_std"]

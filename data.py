@@ -76,11 +76,12 @@ def download_file(url, path, offline_hint):
     return path
 
 
-def init_distributed():
+def init_distributed(device=None):
     """(rank, world size, device) of this process: under torchrun (RANK set) one rank of an NCCL group on its
-    LOCAL_RANK's GPU (gloo on CPUs), else one plain process. device_id binds NCCL to the rank's GPU (else each barrier
-    guesses it, with a warning)."""
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    LOCAL_RANK's GPU, or on `device` when given (gloo on CPUs), else one plain process. device_id binds NCCL to the
+    rank's GPU (else each barrier guesses it, with a warning)."""
+    default = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device or default)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" not in os.environ:

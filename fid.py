@@ -608,17 +608,17 @@ def main(argv=None):
     if len(args.paths) != (1 if args.save_stats else 2):
         parser.error("give two inputs to compare, or one input with --save-stats")
 
-    rank, world_size, device = init_distributed()  # one process, or one rank under torchrun
+    rank, world_size, device = init_distributed(args.device)  # one process, or one rank under torchrun
     distributed = dist.is_initialized()
-    device = torch.device(args.device) if args.device else device
 
     paths = args.paths + ([args.pr_ref] if args.pr_ref else [])
-    sources = [load_source(path, images=i == len(args.paths)) for i, path in enumerate(paths)]  # all checked first
-    if args.pr_ref and isinstance(sources[0], tuple):
-        raise ValueError(f"{paths[0]}: precision and recall (--pr_ref) need the images, not statistics")
+    for i, path in enumerate(paths):  # every input checked before Inception runs (a compressed npz is read twice)
+        if isinstance(load_source(path, images=i == len(args.paths)), tuple) and args.pr_ref and i == 0:
+            raise ValueError(f"{path}: precision and recall (--pr_ref) need the images, not statistics")
     model, all_stats, features = None, [], []
-    for i, (path, source) in enumerate(zip(paths, sources)):
+    for i, path in enumerate(paths):
         pr_input = args.pr_ref is not None and i in (0, len(args.paths))  # the first input and the P/R reference
+        source = load_source(path, images=i == len(args.paths))
         if isinstance(source, tuple):
             all_stats.append(source)
             continue
