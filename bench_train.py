@@ -5,6 +5,7 @@ Time one generator training step of train.py at the paper's ablation shape, per 
     python bench_train.py --small    # CPU smoke run with the tiny test models
     python bench_train.py --model S/2 --encoder fmnist --in_channels 1 --nc 10 --n_pos 32 --n_neg 32 --n_unc 16
                                      # the step of train.py --preset fmnist
+    python bench_train.py --bound    # and the step were its Triton kernels as fast as the memory allows
 
 The ablation batch (Table 8) is N_c = 64 classes of 64 generated samples, 4096 in all; on 8 GPUs each owns
 8 classes (512 generated, 640 real samples), the default here. The whole step is train.py's: generator
@@ -17,6 +18,7 @@ below the row's time, the GPU sets the pace; near it, either the host does or th
 launches wait; --cudagraphs (torch.compile's CUDA graphs, which take the launches off the host) tells them apart.
 """
 import argparse
+import collections
 import os
 import time
 from contextlib import nullcontext
@@ -47,11 +49,15 @@ parser.add_argument("--remat", type=int, nargs="?", const=True, default=0,
                     help="recompute all DiT blocks (or the first K) in the backward (train.py --remat [K])")
 parser.add_argument("--profile", action="store_true", help="profile 3 whole steps (the top kernels and ops) "
                     "before timing the parts")
+parser.add_argument("--bound", action="store_true", help="then the step's kernels by kind, and its time were its "
+                    "Triton kernels to move their bytes (inductor's count) at the bandwidth of a plain add")
 parser.add_argument("--convnext", action="store_true", help="pixel models: ConvNeXt-V2-Base features too "
                     "(random weights: the speed does not depend on them), e.g. --model B/16 --encoder pixel_640")
 args = parser.parse_args()
 if not (args.small or torch.cuda.is_available()):
     parser.error("no GPU: this benchmark times GPUs at full size (--small: a CPU smoke run)")
+if args.bound and (args.small or args.no_compile or args.cudagraphs):
+    parser.error("--bound needs a GPU and torch.compile without --cudagraphs")
 if args.small:
     args.model, args.encoder, args.nc, args.n_pos, args.n_neg, args.n_unc = "T/2", "tiny", 2, 4, 4, 2
     args.iters, args.warmup = 2, 1
@@ -64,6 +70,16 @@ use_compile = device.type == "cuda" and not args.no_compile
 mode = "reduce-overhead" if args.cudagraphs else None
 maybe_compile = (lambda f: torch.compile(f, dynamic=False, mode=mode)) if use_compile else (lambda f: f)
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+triton_gb = [0.0]  # GB moved by inductor's Triton kernels, counted at every launch (--bound)
+if args.bound:  # inductor then estimates each kernel's bytes as it writes it (benchmark_kernel; it also prints paths)
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    torch._inductor.config.benchmark_kernel = True
+    launch = CachingAutotuner.run
+
+    def counted_launch(self, *a, **kw):
+        triton_gb[0] += self.inductor_meta.get("kernel_num_gb") or 0.0
+        return launch(self, *a, **kw)
+    CachingAutotuner.run = counted_launch
 torch.manual_seed(0)
 
 gen = DiT_models[args.model](in_channels=args.in_channels, remat=args.remat,
@@ -194,6 +210,30 @@ if args.profile:  # where a step's time goes: GPU kernels by total time, and the
         sync()
     by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=60))
+
+if args.bound:  # the step were its Triton kernels as fast as a plain add, the others (cuBLAS, cuDNN) as they run
+    a = torch.empty(2**29, dtype=torch.bfloat16, device=device)
+    b, c = torch.empty_like(a), torch.empty_like(a)
+    bandwidth = 3 * a.nbytes / timed(lambda: torch.add(a, b, out=c))[0]  # bytes/s
+    del a, b, c
+    triton_gb[0] = 0.0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            train_step()
+        sync()
+    kinds = collections.Counter()  # ms a step
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            n = e.name.lower()
+            kinds["Triton" if n.startswith("triton_") else "attention" if any(k in n for k in ("sdpa", "fmha", "flash"))
+                  else "matmul, conv" if any(k in n for k in ("gemm", "nvjet", "xmma", "conv", "cutlass"))
+                  else "other"] += e.device_time_total / 3e3
+    gb = triton_gb[0] / 3
+    bound = sum(kinds.values()) - kinds["Triton"] + gb * 1e12 / bandwidth  # ms
+    print("kernels a step: " + ", ".join(f"{k} {v:.1f} ms" for k, v in kinds.most_common()) +
+          f"; the Triton kernels move {gb:.1f} GB ({gb / kinds['Triton']:.2f} TB/s)")
+    print(f"at {bandwidth / 1e12:.2f} TB/s (a 1 GiB bf16 add) they would take {gb * 1e12 / bandwidth:.1f} ms: the step "
+          f"{bound:.1f} ms" + (f", MFU {100 * model_flops / (bound / 1e3) / peak:.1f}%" if peak else ""), flush=True)
 
 # Then each part alone, a row printed as soon as it is timed (each part compiles graphs of its own first).
 name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
