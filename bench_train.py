@@ -71,7 +71,7 @@ mode = "reduce-overhead" if args.cudagraphs else None
 maybe_compile = (lambda f: torch.compile(f, dynamic=False, mode=mode)) if use_compile else (lambda f: f)
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 triton_gb = [0.0]  # GB moved by inductor's Triton kernels, counted at every launch (--bound)
-if args.bound:  # inductor then estimates each kernel's bytes as it writes it (benchmark_kernel; it also prints paths)
+if args.bound:  # inductor then estimates each kernel's bytes as it writes it (benchmark_kernel; it prints module paths)
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
     torch._inductor.config.benchmark_kernel = True
     launch = CachingAutotuner.run
