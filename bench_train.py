@@ -5,7 +5,7 @@ Time one generator training step of train.py at the paper's ablation shape, per 
     python bench_train.py --small    # CPU smoke run with the tiny test models
     python bench_train.py --model S/2 --encoder fmnist --in_channels 1 --nc 10 --n_pos 32 --n_neg 32 --n_unc 16
                                      # the step of train.py --preset fmnist
-    python bench_train.py --bound    # and the step were its Triton kernels as fast as the memory allows
+    python bench_train.py --bound    # and the step's time if its Triton kernels ran at the memory's bandwidth
 
 The ablation batch (Table 8) is N_c = 64 classes of 64 generated samples, 4096 in all; on 8 GPUs each owns
 8 classes (512 generated, 640 real samples), the default here. The whole step is train.py's: generator
@@ -49,8 +49,8 @@ parser.add_argument("--remat", type=int, nargs="?", const=True, default=0,
                     help="recompute all DiT blocks (or the first K) in the backward (train.py --remat [K])")
 parser.add_argument("--profile", action="store_true", help="profile 3 whole steps (the top kernels and ops) "
                     "before timing the parts")
-parser.add_argument("--bound", action="store_true", help="then the step's kernels by kind, and its time were its "
-                    "Triton kernels to move their bytes (inductor's count) at the bandwidth of a plain add")
+parser.add_argument("--bound", action="store_true", help="then the step's kernels by kind, and its time if its "
+                    "Triton kernels moved their bytes (inductor's estimate) at the bandwidth of a plain add")
 parser.add_argument("--convnext", action="store_true", help="pixel models: ConvNeXt-V2-Base features too "
                     "(random weights: the speed does not depend on them), e.g. --model B/16 --encoder pixel_640")
 args = parser.parse_args()
@@ -211,7 +211,7 @@ if args.profile:  # where a step's time goes: GPU kernels by total time, and the
     by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=60))
 
-if args.bound:  # the step were its Triton kernels as fast as a plain add, the others (cuBLAS, cuDNN) as they run
+if args.bound:  # the step if its Triton kernels moved their bytes as fast as a plain add; the others as they run
     a = torch.empty(2**29, dtype=torch.bfloat16, device=device)
     b, c = torch.empty_like(a), torch.empty_like(a)
     bandwidth = 3 * a.nbytes / timed(lambda: torch.add(a, b, out=c))[0]  # bytes/s
