@@ -29,7 +29,7 @@ import torch
 import drift
 from convnext import ConvNeXt_models
 from model import DiT_models, MAE_models
-from train import drift_objective, encoder_features, peak_flops
+from train import FEATURE_COMPILE, drift_objective, encoder_features, peak_flops
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--model", default="B/2", help="DiT_models key")
@@ -101,7 +101,9 @@ style = torch.randint(gen.style_vocab, (n_gen, gen.num_style_tokens), device=dev
 if use_compile:
     drift.compile_drift(mode)
 gen_c = maybe_compile(gen)
-features = maybe_compile(lambda x: encoder_features(enc, x, cnx))
+features = lambda x: encoder_features(enc, x, cnx)  # noqa: E731
+if use_compile:  # mode='reduce-overhead' is the option triton.cudagraphs
+    features = torch.compile(features, dynamic=False, options={**FEATURE_COMPILE, "triton.cudagraphs": args.cudagraphs})
 objective = lambda x, xr, a: drift_objective(  # noqa: E731
     x, xr, a, features, args.n_pos, args.n_unc, (0.02, 0.05, 0.2))
 
