@@ -175,10 +175,10 @@ def get_args(argv=None):
 # The generator's loss
 
 # torch.compile's options for the features: looped, not persistent, reductions. The GroupNorms' statistics and the
-# feature sets' means and stds reduce over the spatial dims of channels_last maps, which inductor's persistent
-# kernels read at 0.5-1.3 TB/s on an H200 at stages 3 and 4 (8x8 and 4x4 maps); looped, the ablation step's
-# encoder on its 640 reals took 42.8 against 45.3 ms, and on its 512 generated samples, forward and backward to the
-# input, 79.7 against 84.3 ms (README, Throughput).
+# feature sets' means and stds reduce over the spatial dims of channels_last maps, and several of inductor's
+# persistent kernels for them read only 0.5-1.3 TB/s on an H200 (the GroupNorms' sums at stages 3 and 4 among them);
+# looped, the ablation step's encoder on its 640 reals took 42.8 against 45.3 ms, and on its 512 generated samples,
+# forward and backward to the input, 79.7 against 84.3 ms (README, Throughput).
 FEATURE_COMPILE = {"triton.persistent_reductions": False}
 
 
