@@ -29,7 +29,7 @@ import torch
 import drift
 from convnext import ConvNeXt_models
 from model import DiT_models, MAE_models
-from train import FEATURE_COMPILE, drift_objective, encoder_features, peak_flops
+from train import FEATURE_COMPILE, GEN_COMPILE, drift_objective, encoder_features, peak_flops
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--model", default="B/2", help="DiT_models key")
@@ -68,7 +68,6 @@ torch.backends.cudnn.benchmark = True
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 use_compile = device.type == "cuda" and not args.no_compile
 mode = "reduce-overhead" if args.cudagraphs else None
-maybe_compile = (lambda f: torch.compile(f, dynamic=False, mode=mode)) if use_compile else (lambda f: f)
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 triton_gb = [0.0]  # GB moved by inductor's Triton kernels, counted at every launch (--bound)
 if args.bound:  # inductor then estimates each kernel's bytes as it writes it (benchmark_kernel; it prints module paths)
@@ -100,9 +99,9 @@ style = torch.randint(gen.style_vocab, (n_gen, gen.num_style_tokens), device=dev
 # As train.py: generator and encoder features compiled, the drift step compiled on its own (drift.compile_drift).
 if use_compile:
     drift.compile_drift(mode)
-gen_c = maybe_compile(gen)
-features = lambda x: encoder_features(enc, x, cnx)  # noqa: E731
+gen_c, features = gen, lambda x: encoder_features(enc, x, cnx)  # noqa: E731
 if use_compile:  # mode='reduce-overhead' is the option triton.cudagraphs
+    gen_c = torch.compile(gen, dynamic=False, options={**GEN_COMPILE, "triton.cudagraphs": args.cudagraphs})
     features = torch.compile(features, dynamic=False, options={**FEATURE_COMPILE, "triton.cudagraphs": args.cudagraphs})
 objective = lambda x, xr, a: drift_objective(  # noqa: E731
     x, xr, a, features, args.n_pos, args.n_unc, (0.02, 0.05, 0.2))
