@@ -183,7 +183,8 @@ FEATURE_COMPILE = {"triton.persistent_reductions": False}
 # The generator's: inductor fuses a norm's backward reductions over rows (the input's gradient) and over columns (the
 # gain's and the modulation's) into one "mix-order" kernel; the rows each of its programs takes are then chosen by
 # benchmarking, not by a heuristic. DiT-B/2's forward and backward at batch 512 took 187.0 against 190.0 ms on an H200,
-# the ablation step 362.4-364.4 against 365.6 ms (README, Throughput).
+# the ablation step 362.4-364.4 against 365.6 ms (README, Throughput). The small presets go without: at the
+# Fashion-MNIST shape it added 46 s to a cold compile on an H100, and nothing to a step the host paces.
 GEN_COMPILE = {"triton.mix_order_reduction_autotune_split_size": True}
 
 
@@ -406,7 +407,8 @@ def main(argv=None):
             raise ValueError(f"some class has fewer than --n_pos {args.n_pos} training images")
 
     # ---- compile, then DDP ----
-    model = torch.compile(raw_model, options=GEN_COMPILE if gen_stage else None) if use_compile else raw_model
+    options = GEN_COMPILE if gen_stage and args.preset == "none" else None
+    model = torch.compile(raw_model, options=options) if use_compile else raw_model
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if gen_stage:
