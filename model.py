@@ -94,7 +94,7 @@ class AlphaEmbedder(nn.Module):
 
 # cuDNN's fused attention first where it applies (CUDA, no mask). On an H100 it runs DiT-B/2's attention at batch
 # 512 (272 tokens) forward and backward in 3.4 ms a layer against flash's 5.6, with the same errors against a
-# float32 reference (README); elsewhere SDPA falls back in this order.
+# float32 reference (NOTES.md); elsewhere SDPA falls back in this order.
 SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                  SDPBackend.MATH]
 
@@ -121,7 +121,7 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """silu(x W1) * (x W3) then W2. W1 and W3 stay two matmuls, as officially: joined into one, the gradient of the
     joined output costs more than the one matmul saves (DiT-B/2 at batch 512 on an H200, forward and backward
-    compiled: 213.3 ms joined against 207.8 ms; README, Throughput)."""
+    compiled: 213.3 ms joined against 207.8 ms; NOTES.md, Throughput)."""
 
     def __init__(self, dim, hidden):
         super().__init__()
@@ -354,7 +354,7 @@ class GroupNorm(nn.GroupNorm):
     x^2, its output in x's dtype: bf16 maps under autocast stay bf16, as the official use_bf16 encoders (Flax
     GroupNorm with dtype bf16) give them, and the residual stream with them. Compiled, the latent_256 encoder's
     forward and backward took 13% less time than with nn.GroupNorm (80.1 against 92.2 ms on an H200), and the bf16
-    output took the encoder and drift loss of the ablation step from 172.3 to 165.4 ms (README, Throughput)."""
+    output took the encoder and drift loss of the ablation step from 172.3 to 165.4 ms (NOTES.md, Throughput)."""
 
     def forward(self, x):
         B, C, G = x.shape[0], x.shape[1], self.num_groups

@@ -53,10 +53,10 @@ STAGE_DEFAULTS = {
 }
 # Small runs: `--stage mae --preset P`, then `--stage gen --preset P` (which finds that encoder).
 # fmnist: on one H100, MAE 2.7 min (1500 steps, the last 300 with the classification fine-tune), then the generator:
-# 2.4 min compiling, ~115 ms/step, FID 14.9 at step 2600 (README run B). lr 1.2e-3 beat 6e-4 early (19.5 vs 22.1 at
+# 2.4 min compiling, ~115 ms/step, FID 14.9 at step 2600 (NOTES.md run B). lr 1.2e-3 beat 6e-4 early (19.5 vs 22.1 at
 # step 1200); EMA 0.995: this short run still moves fast, and 0.999 lags (an earlier run: 15.0 vs 25.5). The MAE
 # sees whole images (crop_min 1): its RandomResizedCrop (0.2, as on ImageNet) cost the generator 12-21 FID points
-# at step 600 (README, the crop table); runs A-E there trained with the crops.
+# at step 600 (NOTES.md, the crop table); runs A-E there trained with the crops.
 # fmnist_cpu: a smoke run of the whole pipeline on a CPU in a few minutes (its 60 steps leave grey noise; no FID).
 FMNIST = dict(dataset="fmnist", data="data/fashion-mnist", log_every=50, ckpt_every=500, sample_every=500)
 PRESETS = {
@@ -178,12 +178,12 @@ def get_args(argv=None):
 # feature sets' means and stds reduce over the spatial dims of channels_last maps, and several of inductor's
 # persistent kernels for them read only 0.5-1.3 TB/s on an H200 (the GroupNorms' sums at stages 3 and 4 among them);
 # looped, the ablation step's encoder on its 640 reals took 42.8 against 45.3 ms, and on its 512 generated samples,
-# forward and backward to the input, 79.7 against 84.3 ms (README, Throughput).
+# forward and backward to the input, 79.7 against 84.3 ms (NOTES.md, Throughput).
 FEATURE_COMPILE = {"triton.persistent_reductions": False}
 # The generator's: inductor fuses a norm's backward reductions over rows (the input's gradient) and over columns (the
 # gain's and the modulation's) into one "mix-order" kernel; the rows each of its programs takes are then chosen by
 # benchmarking, not by a heuristic. DiT-B/2's forward and backward at batch 512 took 187.0 against 190.0 ms on an H200,
-# the ablation step 362.4-364.4 against 365.6 ms (README, Throughput). The small presets go without: at the
+# the ablation step 362.4-364.4 against 365.6 ms (NOTES.md, Throughput). The small presets go without: at the
 # Fashion-MNIST shape it added 46 s to a cold compile on an H100, and nothing to a step the host paces.
 GEN_COMPILE = {"triton.mix_order_reduction_autotune_split_size": True}
 
