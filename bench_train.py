@@ -226,7 +226,9 @@ if args.bound:  # the step if its Triton kernels moved their bytes as fast as a 
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             n = e.name.lower()
-            kinds["Triton" if n.startswith("triton_") else "attention" if any(k in n for k in ("sdpa", "fmha", "flash"))
+            # cuDNN attention's own pre- and post-kernels (cudnn::fusion::...) count as attention, not as convs
+            attention = any(k in n for k in ("sdpa", "fmha", "flash", "cudnn::fusion"))
+            kinds["Triton" if n.startswith("triton_") else "attention" if attention
                   else "matmul, conv" if any(k in n for k in ("gemm", "nvjet", "xmma", "conv", "cutlass"))
                   else "other"] += e.device_time_total / 3e3
     gb = triton_gb[0] / 3
@@ -235,6 +237,9 @@ if args.bound:  # the step if its Triton kernels moved their bytes as fast as a 
           f"; the Triton kernels move {gb:.1f} GB ({gb / kinds['Triton']:.2f} TB/s)")
     print(f"at {bandwidth / 1e12:.2f} TB/s (a 1 GiB bf16 add) they would take {gb * 1e12 / bandwidth:.1f} ms: the step "
           f"{bound:.1f} ms" + (f", MFU {100 * model_flops / (bound / 1e3) / peak:.1f}%" if peak else ""), flush=True)
+    if peak:  # the target against what the matmuls, convolutions and attention take as they run
+        print(f"55% MFU needs the step in {model_flops / (0.55 * peak) * 1e3:.1f} ms; its matmuls, convolutions and "
+              f"attention alone take {kinds['matmul, conv'] + kinds['attention']:.1f} ms", flush=True)
 
 # Then each part alone, a row printed as soon as it is timed (each part compiles graphs of its own first).
 name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
