@@ -308,6 +308,7 @@ class _Regression(torch.autograd.Function):
     The loss per group (G,), mean over (Ng, D) of (gen~ - stopgrad(goal~))^2, or with per_set each set's mean
     (S,), computed inside the stop-gradient, attached to the generated samples of n sets: gens (*B_i, Ng, D) of
     prod(B_i) groups each, in order, whose gradients for a unit upstream gradient are grads (the set's gen's shape).
+    With per_set, gens may be any tensors, one per loss entry (feature_drift_loss's inputs).
     """
 
     @staticmethod
@@ -332,8 +333,9 @@ def _loss(sets, temperatures, reduce, attraction, repulsion, softmax, per_set=Fa
     # gen (*B_i, Ng, D), pos (*B_i, Np, D), neg (*B_i, Nn, D) or None, w_* (*B_i, N*) or None; Ng, Np, Nn, D shared
     # by all sets; the inputs may be strided views. All groups run as one batch, but every set keeps its own
     # distance scale and force normalization. Returns the loss per group (G,) (sets in order, groups flattened)
-    # or with per_set per set (S,), the mean over its groups; and per set its scale (S,) and force mean squares
-    # (S, K) (formatted by _info outside, so that the frozen part compiles into one graph).
+    # or with per_set per set (S,), the mean over its groups, as a value (_attach gives it its gradient); per set
+    # its gradient for a unit upstream gradient, laid out as its gen; and per set its scale (S,) and force mean
+    # squares (S, K) (formatted by _info outside, so that the frozen part compiles into one graph).
     sizes = [math.prod(s[0].shape[:-2]) for s in sets]
     G, S, device = sum(sizes), len(sets), sets[0][0].device
     # The set of each group, built on the host and sent without a stream sync.
@@ -342,10 +344,12 @@ def _loss(sets, temperatures, reduce, attraction, repulsion, softmax, per_set=Fa
     with torch.autocast(device.type, enabled=False):  # the distances' sums need float32 even under bf16
         # any dtype: _targets computes in float32, the gradients come in gen's dtype
         frozen = [tuple(None if x is None else x.detach() for x in s) for s in sets]
-        loss, grads, scale, mean_sq = _frozen_fn(frozen, seg, counts, temperatures, reduce, attraction, repulsion,
-                                                 softmax, per_set)
-        loss = _Regression.apply(loss, per_set, S, *grads, *(s[0] for s in sets))  # the gradient reaches gen only here
-    return loss, scale, mean_sq
+        return _frozen_fn(frozen, seg, counts, temperatures, reduce, attraction, repulsion, softmax, per_set)
+
+
+def _attach(loss, grads, gens, per_set):
+    # the loss (no graph) as a function of gens, whose gradients for a unit upstream gradient are grads
+    return _Regression.apply(loss, per_set, len(grads), *grads, *gens)
 
 
 def _info(scale, mean_sq, temperatures):
@@ -391,9 +395,9 @@ def drift_loss(gen, pos, neg=None, w_gen=None, w_pos=None, w_neg=None,
     """
     _check(gen, pos, neg, {"w_gen": (w_gen, gen), "w_pos": (w_pos, pos), "w_neg": (w_neg, neg)},
            temperatures, softmax, "(G, N, D)")
-    loss, scale, mean_sq = _loss([(gen, pos, neg, w_gen, w_pos, w_neg)], temperatures, reduce, attraction,
-                                 repulsion, softmax)
-    return loss, _info(scale[0], mean_sq[0], temperatures)
+    loss, grads, scale, mean_sq = _loss([(gen, pos, neg, w_gen, w_pos, w_neg)], temperatures, reduce, attraction,
+                                        repulsion, softmax)
+    return _attach(loss, grads, [gen], per_set=False), _info(scale[0], mean_sq[0], temperatures)
 
 
 def safe_std(x, dim):
@@ -438,13 +442,17 @@ def feature_sets(maps, x=None, raw=None):
 
 
 def feature_drift_loss(gen, pos, neg=None, w_neg=None, temperatures=TEMPERATURES, reduce=None,
-                       attraction=1.0, repulsion=1.0, softmax="both"):
+                       attraction=1.0, repulsion=1.0, softmax="both", inputs=None):
     """
     Sum over feature names of the mean drift_loss. gen/pos/neg: dicts name -> (Nc, N*, L, C), classes first;
     w_neg (Nc, Nn) the per-class CFG weight. Each location is its own drift problem, but all classes and
     locations of one name share one distance scale and one force normalization (as official).
     Names of one width C run as one batch (one _loss call: a few hundred kernels, not that many per name).
     attraction, repulsion, softmax: the ablations of drift_loss.
+    inputs: optionally the tensor gen was computed from (the generated samples): the sets' gradient is then pulled
+    back to it at once, and the loss is attached to inputs rather than to gen, so that the backward scales the
+    inputs' gradient by the loss's upstream gradient instead of every feature (the ablation step 361.7-364.2
+    against 365.0-367.5 ms on an H200: NOTES.md, Throughput). The same gradient either way.
     """
     batches = {}  # (Ng, Np, Nn, C) -> names
     for name, g in gen.items():
@@ -453,7 +461,7 @@ def feature_drift_loss(gen, pos, neg=None, w_neg=None, temperatures=TEMPERATURES
         p, n = pos[name], None if neg is None else neg[name]
         _check(g, p, n, {"w_neg": (w_neg, n)}, temperatures, softmax, "(Nc, N, L, C)", f"feature {name}: ")
         batches.setdefault((g.shape[1], p.shape[1], 0 if n is None else n.shape[1], g.shape[3]), []).append(name)
-    total, results = 0.0, {}
+    total, results, gens, grads = 0.0, {}, [], []
     for names in batches.values():
         sets = []
         for name in names:
@@ -461,9 +469,18 @@ def feature_drift_loss(gen, pos, neg=None, w_neg=None, temperatures=TEMPERATURES
             g, p, n = gen[name], pos[name], None if neg is None else neg[name]
             w = None if w_neg is None else w_neg[:, None, :].expand(g.shape[0], g.shape[2], -1)  # (Nc, L, Nn)
             sets.append((g.transpose(1, 2), p.transpose(1, 2), None if n is None else n.transpose(1, 2), None, None, w))
-        loss, scale, mean_sq = _loss(sets, temperatures, reduce, attraction, repulsion, softmax, per_set=True)
+        loss, set_grads, scale, mean_sq = _loss(sets, temperatures, reduce, attraction, repulsion, softmax,
+                                                per_set=True)
+        if inputs is None:
+            loss = _attach(loss, set_grads, [s[0] for s in sets], per_set=True)
+        else:
+            gens, grads = gens + [s[0] for s in sets], grads + set_grads
         total = total + loss.sum()
         results.update({name: (loss[i], scale[i], mean_sq[i]) for i, name in enumerate(names)})
+    if inputs is not None:
+        with torch.autocast(inputs.device.type, enabled=False):  # a backward, run as outside the forward's autocast
+            grad_in = torch.autograd.grad(gens, inputs, grads)
+        total = _attach(total[None], list(grad_in), [inputs], per_set=True)[0]
     info = {}
     for name in gen:  # info in the order of gen
         loss, scale, mean_sq = results[name]

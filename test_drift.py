@@ -341,6 +341,19 @@ def test_feature_drift_loss_equals_sum_of_drift_losses():
                                torch.autograd.grad(loop, list(gen.values())))
 
 
+def test_feature_drift_loss_attached_to_inputs_gives_the_same_loss_and_gradient():
+    # inputs=x pulls the sets' gradient back to the samples x at once: the loss, and x's gradient for any upstream
+    # factor, are those of the loss attached to the sets
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    sets = lambda x: {k: v.unflatten(0, (2, -1)) for k, v in feature_sets({"c": conv(x)}, raw=x).items()}  # noqa
+    x = torch.randn(8, 3, 8, 8, requires_grad=True)
+    pos = {k: v.detach() for k, v in sets(torch.randn(10, 3, 8, 8)).items()}
+    (a, _), (b, _) = feature_drift_loss(sets(x), pos), feature_drift_loss(sets(x), pos, inputs=x)
+    torch.testing.assert_close(b, a)
+    torch.testing.assert_close(torch.autograd.grad(3 * b, x)[0], torch.autograd.grad(3 * a, x)[0])
+
+
 def test_feature_drift_loss_passes_ablations():
     # attraction, repulsion and softmax reach drift_loss: same value as the loop with them, not the default's
     gen, pos, neg, w_neg = feature_inputs()

@@ -213,7 +213,7 @@ def drift_objective(x_gen, x_real, alpha, features, n_pos, n_unc, temperatures, 
     unc = {k: v[:, n_pos:] for k, v in real.items()} if n_unc else None
     w_unc = drift.cfg_weight(alpha, gen["global"].shape[1], n_unc)[:, None].expand(nc, n_unc) if n_unc else None
     return drift.feature_drift_loss(gen, pos, unc, w_unc, temperatures=tuple(temperatures), reduce=reduce,
-                                    **ablation)
+                                    inputs=x_gen if x_gen.requires_grad else None, **ablation)
 
 
 def peak_flops(device):
