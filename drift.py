@@ -474,13 +474,14 @@ def feature_drift_loss(gen, pos, neg=None, w_neg=None, temperatures=TEMPERATURES
         if inputs is None:
             loss = _attach(loss, set_grads, [s[0] for s in sets], per_set=True)
         else:
-            gens, grads = gens + [s[0] for s in sets], grads + set_grads
+            gens += [s[0] for s in sets]
+            grads += set_grads
         total = total + loss.sum()
         results.update({name: (loss[i], scale[i], mean_sq[i]) for i, name in enumerate(names)})
     if inputs is not None:
         with torch.autocast(inputs.device.type, enabled=False):  # a backward, run as outside the forward's autocast
             grad_in = torch.autograd.grad(gens, inputs, grads)
-        total = _attach(total[None], list(grad_in), [inputs], per_set=True)[0]
+        total = _attach(total[None], grad_in, [inputs], per_set=True)[0]
     info = {}
     for name in gen:  # info in the order of gen
         loss, scale, mean_sq = results[name]
