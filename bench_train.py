@@ -194,6 +194,13 @@ model_flops = sum(v for k, v in flops.items() if "not in MFU" not in k)
 phases = {"generator fwd+bwd (3x)": generator_fwd_bwd, "encoder on real, fwd": encoder_real,
           "encoder on gen, fwd+bwd to input (2x)": encoder_gen_fwd_bwd_to_input,
           "drift loss (not in MFU)": drift_loss_fwd_bwd, "optimizer + clip + EMA": optimizer_clip_ema}
+name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+extra = " + ConvNeXt-V2-B" if cnx is not None else ""
+print(f"{name}: {args.model} generator + MAE {args.encoder}{extra}, {nc} classes x ({args.n_neg} gen, "
+      f"{args.n_pos} pos, {args.n_unc} unc) = {n_gen} generated, {n_real} real samples; compile {use_compile}, "
+      f"CUDA graphs {args.cudagraphs}", flush=True)
+if use_compile:
+    print("compiling the whole step first (several minutes on a fresh machine: nothing prints until then)", flush=True)
 if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
 step_time, step_host = timed(train_step)
@@ -242,11 +249,6 @@ if args.bound:  # the step if its Triton kernels moved their bytes as fast as a 
               f"attention alone take {kinds['matmul, conv'] + kinds['attention']:.1f} ms", flush=True)
 
 # Then each part alone, a row printed as soon as it is timed (each part compiles graphs of its own first).
-name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-extra = " + ConvNeXt-V2-B" if cnx is not None else ""
-print(f"{name}: {args.model} generator + MAE {args.encoder}{extra}, {nc} classes x ({args.n_neg} gen, "
-      f"{args.n_pos} pos, {args.n_unc} unc) = {n_gen} generated, {n_real} real samples; compile {use_compile}, "
-      f"CUDA graphs {args.cudagraphs}")
 print(f"{'part':40s} {'GFLOP':>10s} {'ms':>9s} {'TFLOP/s':>9s} {'host ms':>9s}", flush=True)
 times = {}
 for part, fn in phases.items():

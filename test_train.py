@@ -285,3 +285,14 @@ def test_fid_reference_of_images_stops_the_run_before_training(fmnist, mae_ckpt,
     with pytest.raises(ValueError, match="images.npz: expected an npz of Inception statistics"):
         run_gen(fmnist, mae_ckpt, tmp_path / "run", "--steps", "2", "--fid_ref", str(tmp_path / "images.npz"))
     assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("script, row", [("bench_train.py", "whole step"), ("bench_drift.py", "8x8 map"),
+                                         ("bench_model.py", "MAE tiny")])
+def test_benchmarks_print_their_tables_on_the_cpu(script, row):
+    # --small: tiny models on the CPU, so that a change of the APIs they time cannot leave a GPU benchmark broken
+    result = subprocess.run([sys.executable, os.path.join(HERE, script), "--small"], cwd=HERE, capture_output=True,
+                            text=True, timeout=300)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(row)]
+    assert result.returncode == 0 and lines and any(c.isdigit() for c in lines[-1][len(row):]), \
+        result.stdout + result.stderr
