@@ -4,7 +4,8 @@ Time one generator training step of train.py at the paper's ablation shape, per 
     python bench_train.py            # DiT-B/2 + latent-MAE width 256, 8 classes x (64 gen, 64 pos, 16 unc) per GPU
     python bench_train.py --small    # CPU smoke run with the tiny test models
     python bench_train.py --model S/2 --encoder fmnist --in_channels 1 --nc 10 --n_pos 32 --n_neg 32 --n_unc 16
-                                     # the step of train.py --preset fmnist (whose generator skips GEN_COMPILE)
+                                     # the step of train.py --preset fmnist (which skips GEN_COMPILE); that preset's
+                                     # generator runs on CUDA graphs: add --cudagraphs
     python bench_train.py --bound    # and the step's time if its Triton kernels ran at the memory's bandwidth
 
 The ablation batch (Table 8) is N_c = 64 classes of 64 generated samples, 4096 in all; on 8 GPUs each owns

@@ -52,11 +52,11 @@ STAGE_DEFAULTS = {
                 encoder="runs/mae/ckpt.pt"),
 }
 # Small runs: `--stage mae --preset P`, then `--stage gen --preset P` (which finds that encoder).
-# fmnist: on one H100, MAE 2.7 min (1500 steps, the last 300 with the classification fine-tune), then the generator:
-# 2.4 min compiling, ~115 ms/step, FID 14.9 at step 2600 (NOTES.md run B). lr 1.2e-3 beat 6e-4 early (19.5 vs 22.1 at
-# step 1200); EMA 0.995: this short run still moves fast, and 0.999 lags (an earlier run: 15.0 vs 25.5). The MAE
-# sees whole images (crop_min 1): its RandomResizedCrop (0.2, as on ImageNet) cost the generator 12-21 FID points
-# at step 600 (NOTES.md, the crop table); runs A-E there trained with the crops.
+# fmnist: on one H100, MAE 2.7 min (1500 steps, the last 300 with the classification fine-tune), then the generator: 2.4
+# min compiling, ~115 ms/step (~90 on CUDA graphs, added since), FID 14.9 at step 2600 (NOTES.md run B). lr 1.2e-3 beat
+# 6e-4 early (19.5 vs 22.1 at step 1200); EMA 0.995: this short run still moves fast, and 0.999 lags (an earlier run:
+# 15.0 vs 25.5). The MAE sees whole images (crop_min 1): its RandomResizedCrop (0.2, as on ImageNet) cost the generator
+# 12-21 FID points at step 600 (NOTES.md, the crop table); runs A-E there trained with the crops.
 # fmnist_cpu: a smoke run of the whole pipeline on a CPU in a few minutes (its 60 steps leave grey noise; no FID).
 FMNIST = dict(dataset="fmnist", data="data/fashion-mnist", log_every=50, ckpt_every=500, sample_every=500)
 PRESETS = {
@@ -65,7 +65,7 @@ PRESETS = {
                     cls_steps=300, cls_warmup=100, crop_min=1.0, out="runs/fmnist_mae"),
         "gen": dict(FMNIST, model="S/2", steps=2600, nc=10, n_pos=32, n_neg=32, n_unc=16, lr=1.2e-3, warmup=300,
                     ema_decays=[0.995], out="runs/fmnist", encoder="runs/fmnist_mae/ckpt.pt", fid_ref="test",
-                    fid_alphas=[1.0, 1.5, 2.0]),
+                    fid_alphas=[1.0, 1.5, 2.0], cudagraphs=True),
     },
     "fmnist_cpu": {  # 2 cores: MAE ~0.4 s/step, generator ~1.2 s/step
         "mae": dict(FMNIST, model="tiny", steps=150, batch_size=32, lr=2e-3, warmup=20, ema_decays=[0.99],
@@ -145,6 +145,9 @@ def get_args(argv=None):
     p.add_argument("--vae", default="mse",
                    help="vae.load_vae argument: decodes latent grids and FID samples, encodes the latent MAE's crops")
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile (used by default on GPU)")
+    p.add_argument("--cudagraphs", action="store_true", help="gen, one process: CUDA graphs for the compiled "
+                   "generator, encoder and drift (torch.compile's reduce-overhead), for small models whose pace the "
+                   "host's launches set (the fmnist preset); not run under DDP, where they are left off")
     p.add_argument("--remat", type=int, nargs="?", const=True, default=0, help="gen: recompute every DiT block "
                    "(--remat) or the first K (--remat K) in the backward (official use_remat), one more block forward "
                    "each; at the ablation shape K = 3 of B/2's 12 blocks is fastest on an 80 GB H100 (74 GiB)")
@@ -407,7 +410,11 @@ def main(argv=None):
             raise ValueError(f"some class has fewer than --n_pos {args.n_pos} training images")
 
     # ---- compile, then DDP ----
-    options = GEN_COMPILE if gen_stage and args.preset == "none" else None
+    # CUDA graphs replay each compiled graph's kernels with one launch: at the Fashion-MNIST shape, where the host's
+    # launches set the pace, bench_train.py's step took 84.5 against 105.2 ms (H100, NOTES.md Throughput). One
+    # process only: with DDP's gradient hooks they were never run.
+    graphs = {"triton.cudagraphs": True} if use_compile and gen_stage and args.cudagraphs and not ddp else {}
+    options = {**GEN_COMPILE, **graphs} if gen_stage and args.preset == "none" else graphs
     model = torch.compile(raw_model, options=options) if use_compile else raw_model
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -415,9 +422,10 @@ def main(argv=None):
         # The drift step is compiled on its own, one graph per feature width (drift.compile_drift): compiled with
         # the encoder, its ~90 feature sets x 3 temperatures would make a ~16k-node graph that takes many minutes.
         if use_compile:
-            drift.compile_drift()
+            drift.compile_drift("reduce-overhead" if graphs else None)
         features = lambda x: encoder_features(encoder, x, convnext)  # noqa: E731
-        features = torch.compile(features, dynamic=False, options=FEATURE_COMPILE) if use_compile else features
+        features = torch.compile(features, dynamic=False, options={**FEATURE_COMPILE, **graphs}) if use_compile \
+            else features
         vae = None
         if args.in_channels == 4 and ((rank == 0 and args.sample_every) or args.fid_ref):  # latents: decode
             vae = load_vae(args.vae).to(device).eval()
@@ -479,6 +487,8 @@ def main(argv=None):
         lr = min(warm, args.lr * (args.steps - step) / max(1, args.cooldown))
         for group in opt.param_groups:
             group["lr"] = lr
+        if graphs:  # a new step: the graphs may reuse the last one's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         if gen_stage:
             # push the newest reals, then pick classes, alphas and queue draws for ALL ranks with one shared
             # generator, so the global batch is the same whatever the number of processes
