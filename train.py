@@ -419,13 +419,12 @@ def main(argv=None):
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if gen_stage:
+        features = lambda x: encoder_features(encoder, x, convnext)  # noqa: E731
         # The drift step is compiled on its own, one graph per feature width (drift.compile_drift): compiled with
         # the encoder, its ~90 feature sets x 3 temperatures would make a ~16k-node graph that takes many minutes.
         if use_compile:
             drift.compile_drift("reduce-overhead" if graphs else None)
-        features = lambda x: encoder_features(encoder, x, convnext)  # noqa: E731
-        features = torch.compile(features, dynamic=False, options={**FEATURE_COMPILE, **graphs}) if use_compile \
-            else features
+            features = torch.compile(features, dynamic=False, options={**FEATURE_COMPILE, **graphs})
         vae = None
         if args.in_channels == 4 and ((rank == 0 and args.sample_every) or args.fid_ref):  # latents: decode
             vae = load_vae(args.vae).to(device).eval()
