@@ -71,6 +71,8 @@ def test_preset_sets_defaults_and_flags_win():
     # a preset replaces the stage defaults, and an explicit flag replaces the preset
     args = train.get_args(["--stage", "gen", "--preset", "fmnist", "--lr", "1e-3"])
     assert (args.model, args.nc, args.encoder, args.lr) == ("S/2", 10, "runs/fmnist_mae/ckpt.pt", 1e-3)
+    assert train.get_args(["--preset", "fmnist"]).cudagraphs  # the preset's CUDA graphs, and a flag that undoes them
+    assert not train.get_args(["--preset", "fmnist", "--no-cudagraphs"]).cudagraphs
 
 
 def test_remat_flag_alone_recomputes_every_block_and_with_k_the_first_k():

@@ -145,9 +145,9 @@ def get_args(argv=None):
     p.add_argument("--vae", default="mse",
                    help="vae.load_vae argument: decodes latent grids and FID samples, encodes the latent MAE's crops")
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile (used by default on GPU)")
-    p.add_argument("--cudagraphs", action="store_true", help="gen, one process: CUDA graphs for the compiled "
-                   "generator, encoder and drift (torch.compile's reduce-overhead), for small models whose pace the "
-                   "host's launches set (the fmnist preset); not run under DDP, where they are left off")
+    p.add_argument("--cudagraphs", action=argparse.BooleanOptionalAction, default=False, help="gen: CUDA graphs "
+                   "for the compiled generator, encoder and drift (torch.compile's reduce-overhead), for small models "
+                   "whose pace the host's launches set (on in the fmnist preset)")
     p.add_argument("--remat", type=int, nargs="?", const=True, default=0, help="gen: recompute every DiT block "
                    "(--remat) or the first K (--remat K) in the backward (official use_remat), one more block forward "
                    "each; at the ablation shape K = 3 of B/2's 12 blocks is fastest on an 80 GB H100 (74 GiB)")
@@ -411,9 +411,9 @@ def main(argv=None):
 
     # ---- compile, then DDP ----
     # CUDA graphs replay each compiled graph's kernels with one launch: at the Fashion-MNIST shape, where the host's
-    # launches set the pace, bench_train.py's step took 84.5 against 105.2 ms (H100, NOTES.md Throughput). One
-    # process only: with DDP's gradient hooks they were never run.
-    graphs = {"triton.cudagraphs": True} if use_compile and gen_stage and args.cudagraphs and not ddp else {}
+    # launches set the pace, bench_train.py's step took 84.5 against 105.2 ms (H100), and 2 processes under DDP
+    # 64-70 against 115-131 ms/step (H200s; NOTES.md Throughput).
+    graphs = {"triton.cudagraphs": True} if use_compile and gen_stage and args.cudagraphs else {}
     options = {**GEN_COMPILE, **graphs} if gen_stage and args.preset == "none" else graphs
     model = torch.compile(raw_model, options=options) if use_compile else raw_model
     if ddp:
@@ -600,6 +600,8 @@ def main(argv=None):
     if gen_stage and args.fid_ref:
         evaluate_fid(step, args.fid_alphas or [args.alpha], args.ema_decays)  # every EMA at the end
     if ddp:
+        if graphs:  # the CUDA graphs, which captured NCCL calls, first: with them alive a 2-GPU run never exited
+            torch.compiler.reset()
         dist.destroy_process_group()
     return raw_model
 
