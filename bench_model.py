@@ -1,7 +1,7 @@
 """
 Throughput of the networks alone on one GPU: generator forward+backward (B/2, L/2, B/16, L/16) and the
 ResNet-MAE encoder forward + backward to its input (what a generator step asks of it), in bf16 with
-torch.compile, SDPA attention and channels_last. Prints img/s, TFLOP/s and MFU against the card's
+torch.compile, model.py's attention and channels_last. Prints img/s, TFLOP/s and MFU against the card's
 dense bf16 peak. FLOPs come from the models' own flops_per_sample(): backward = 2x forward for the
 generator (weight and input gradients; remat's recompute not counted), 1x forward for the frozen encoder
 (input gradients only).

@@ -234,8 +234,9 @@ if args.bound:  # the step if its Triton kernels moved their bytes as fast as a 
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             n = e.name.lower()
-            # cuDNN attention's own pre- and post-kernels (cudnn::fusion::...) count as attention, not as convs
-            attention = any(k in n for k in ("sdpa", "fmha", "flash", "cudnn::fusion"))
+            # model.py's Triton attention (_attn_kernel) and cuDNN attention's own pre- and post-kernels
+            # (cudnn::fusion::...) count as attention, not as Triton's elementwise kernels or convs
+            attention = any(k in n for k in ("_attn_kernel", "sdpa", "fmha", "flash", "cudnn::fusion"))
             kinds["Triton" if n.startswith("triton_") else "attention" if attention
                   else "matmul, conv" if any(k in n for k in ("gemm", "nvjet", "xmma", "conv", "cutlass"))
                   else "other"] += e.device_time_total / 3e3

@@ -1,4 +1,8 @@
 """Tests for the generator in model.py (CPU, tiny shapes; big presets only on the meta device)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -187,3 +191,34 @@ def test_bf16_autocast_close_to_float32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(noise, labels, 1.0, style)
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# ---------------------------------------------------------------- the Triton attention
+
+ATTENTION_CHECK = """
+import torch, model
+torch.manual_seed(0)
+for T, hd, dtype, tol in [(40, 16, torch.float32, 1e-5), (272, 16, torch.float16, 2e-3), (32, 32, torch.float16, 2e-3),
+                          (17, 16, torch.float16, 2e-3)]:
+    qkv = torch.randn(2, T, 3, 3, hd, dtype=dtype, requires_grad=True)  # (B, T, 3, H, hd): q, k, v strided views
+    out = model.triton_attention(*qkv.unbind(2))[0]
+    grad = torch.randn_like(out)
+    (g,) = torch.autograd.grad(out, qkv, grad)
+    ref_qkv = qkv.detach().double().requires_grad_()
+    q, k, v = (t.transpose(1, 2) for t in ref_qkv.unbind(2))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    (ref_g,) = torch.autograd.grad(ref, ref_qkv, grad.double())
+    for a, b in [(out, ref)] + [(g[:, :, i], ref_g[:, :, i]) for i in range(3)]:
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err < tol, (T, hd, dtype, err)
+print("ok")
+"""
+
+
+def test_triton_attention_equals_sdpa():
+    # The Triton attention the generator runs on GPUs (forward, and the gradients of q, k and v) equals float64
+    # attention: whole blocks and tail blocks of keys and rows (T = 272, 256 patches and 16 registers; 17; 40), a
+    # head size of 16 and 32, in float32 and in float16 (the interpreter has no bf16), by Triton's CPU interpreter
+    out = subprocess.run([sys.executable, "-c", ATTENTION_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
