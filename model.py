@@ -261,9 +261,10 @@ def _launch(pass_, q, k, v, o, do, dq, dk, dv, lse, delta):
     BM, BN, warps, stages = ATTN_BLOCKS[("fwd", "dq", "dkdv")[pass_]]
     strides = [st for t in (q, k, v, o) for st in t.stride()[:3]]
     grid = (triton.cdiv(T, BN if pass_ == 2 else BM), B * H)
-    _attn_kernel[grid](q, k, v, o, do, dq, dk, dv, lse, delta, *strides, H, T, hd ** -0.5 * LOG2E, hd ** -0.5,
-                       PASS=pass_, BM=BM, BN=BN, HD=hd, TAIL_M=_tail(T, BM), TAIL_N=_tail(T, BN), num_warps=warps,
-                       num_stages=stages)
+    with torch.cuda.device(q.device.index if q.is_cuda else -1):  # Triton launches on the current device
+        _attn_kernel[grid](q, k, v, o, do, dq, dk, dv, lse, delta, *strides, H, T, hd ** -0.5 * LOG2E, hd ** -0.5,
+                           PASS=pass_, BM=BM, BN=BN, HD=hd, TAIL_M=_tail(T, BM), TAIL_N=_tail(T, BN),
+                           num_warps=warps, num_stages=stages)
 
 
 @torch.library.custom_op("drifting::attention", mutates_args=())
