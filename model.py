@@ -110,7 +110,7 @@ SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBack
 # columns, warps and stages, timed there.
 TRITON_ATTENTION = True
 ATTN_BLOCKS = {"fwd": (64, 32, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 4, 3)}
-LOG2E = 1.4426950408889634
+LOG2E = 1 / math.log(2)  # the kernels' softmax runs in base 2
 
 if triton is not None:
     # FlashAttention-2 (Dao 2023) on q, k, v (B, T, H, hd) of any strides (k and v are views of the qkv matmul's

@@ -3,9 +3,6 @@ official formula and against the official JAX code's values, the feature sets, t
 CPU, seconds."""
 import itertools
 import math
-import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -474,12 +471,10 @@ print("ok")
 """
 
 
-def test_triton_coefficients_equal_torch():
+def test_triton_coefficients_equal_torch(triton_interpreter):
     # The Triton kernel that computes the coefficients on GPUs equals the torch code that runs elsewhere (blocks
-    # padded to powers of 2, no unconditional negatives, a != b), run by Triton's CPU interpreter in a fresh
-    # process (TRITON_INTERPRET is read when the kernel is defined)
-    out = subprocess.run([sys.executable, "-c", TRITON_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True)
+    # padded to powers of 2, no unconditional negatives, a != b), run by Triton's CPU interpreter
+    out = triton_interpreter(TRITON_CHECK)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 

@@ -1,8 +1,4 @@
 """Tests for the generator in model.py (CPU, tiny shapes; big presets only on the meta device)."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -215,10 +211,9 @@ print("ok")
 """
 
 
-def test_triton_attention_equals_sdpa():
+def test_triton_attention_equals_sdpa(triton_interpreter):
     # The Triton attention the generator runs on GPUs (forward, and the gradients of q, k and v) equals float64
     # attention: whole blocks and tail blocks of keys and rows (T = 272, 256 patches and 16 registers; 17; 40), a
     # head size of 16 and 32, in float32 and in float16 (the interpreter has no bf16), by Triton's CPU interpreter
-    out = subprocess.run([sys.executable, "-c", ATTENTION_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True)
+    out = triton_interpreter(ATTENTION_CHECK)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
