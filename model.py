@@ -118,8 +118,9 @@ if triton is not None:
     # backward. Each loop runs over whole blocks, then over one masked tail block of >= 16 rows (tl.dot's least).
 
     @triton.jit
-    def _fwd_step(q, m, l, acc, kp, vp, cols, T, qk_scale, MASK: tl.constexpr):
-        # one block of keys kp (hd, n) and values vp (n, hd) folded into the running max m, sum l and output acc
+    def _fwd_step(q, m, l, acc, K, V, cols, d, kt, vt, T, qk_scale, MASK: tl.constexpr):
+        # one block of keys (hd, n) and values (n, hd) folded into the running max m, sum l and output acc
+        kp, vp = K + cols[None, :] * kt + d[:, None], V + cols[:, None] * vt + d[None, :]
         if MASK:
             kT, v = tl.load(kp, mask=cols[None, :] < T, other=0.0), tl.load(vp, mask=cols[:, None] < T, other=0.0)
             s = tl.where(cols[None, :] < T, tl.dot(q, kT) * qk_scale, float("-inf"))
@@ -139,19 +140,16 @@ if triton is not None:
         m = tl.full([BM], float("-inf"), tl.float32)
         l, acc = tl.zeros([BM], tl.float32), tl.zeros([BM, HD], tl.float32)
         for n0 in range(0, T // BN * BN, BN):
-            cols = n0 + tl.arange(0, BN)
-            kp, vp = K + cols[None, :] * kt + d[:, None], V + cols[:, None] * vt + d[None, :]
-            m, l, acc = _fwd_step(q, m, l, acc, kp, vp, cols, T, qk_scale, False)
+            m, l, acc = _fwd_step(q, m, l, acc, K, V, n0 + tl.arange(0, BN), d, kt, vt, T, qk_scale, False)
         if T % BN != 0:
-            cols = T // BN * BN + tl.arange(0, TAIL)
-            kp, vp = K + cols[None, :] * kt + d[:, None], V + cols[:, None] * vt + d[None, :]
-            m, l, acc = _fwd_step(q, m, l, acc, kp, vp, cols, T, qk_scale, True)
+            m, l, acc = _fwd_step(q, m, l, acc, K, V, T // BN * BN + tl.arange(0, TAIL), d, kt, vt, T, qk_scale, True)
         out = (acc / l[:, None]).to(O.dtype.element_ty)
         tl.store(O + rows[:, None] * ot + d[None, :], out, mask=rows[:, None] < T)
         tl.store(LSE + rows, m + tl.math.log2(l), mask=rows < T)
 
     @triton.jit
-    def _dq_step(q, do, lse, delta, dq, kp, vp, cols, T, qk_scale, MASK: tl.constexpr):
+    def _dq_step(q, do, lse, delta, dq, K, V, cols, d, kt, vt, T, qk_scale, MASK: tl.constexpr):
+        kp, vp = K + cols[None, :] * kt + d[:, None], V + cols[None, :] * vt + d[:, None]  # both (hd, n)
         if MASK:  # keys and values past T load as 0: their terms of dq vanish
             kT, vT = tl.load(kp, mask=cols[None, :] < T, other=0.0), tl.load(vp, mask=cols[None, :] < T, other=0.0)
         else:
@@ -174,17 +172,14 @@ if triton is not None:
         lse = tl.load(LSE + rows, mask=rows < T, other=0.0)
         dq = tl.zeros([BM, HD], tl.float32)
         for n0 in range(0, T // BN * BN, BN):
-            cols = n0 + tl.arange(0, BN)
-            kp, vp = K + cols[None, :] * kt + d[:, None], V + cols[None, :] * vt + d[:, None]
-            dq = _dq_step(q, do, lse, delta, dq, kp, vp, cols, T, qk_scale, False)
+            dq = _dq_step(q, do, lse, delta, dq, K, V, n0 + tl.arange(0, BN), d, kt, vt, T, qk_scale, False)
         if T % BN != 0:
-            cols = T // BN * BN + tl.arange(0, TAIL)
-            kp, vp = K + cols[None, :] * kt + d[:, None], V + cols[None, :] * vt + d[:, None]
-            dq = _dq_step(q, do, lse, delta, dq, kp, vp, cols, T, qk_scale, True)
+            dq = _dq_step(q, do, lse, delta, dq, K, V, T // BN * BN + tl.arange(0, TAIL), d, kt, vt, T, qk_scale, True)
         tl.store(DQ + rows[:, None] * ot + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _dkdv_step(k, v, dk, dv, qp, dop, LSE, DELTA, rows, T, qk_scale, MASK: tl.constexpr):
+    def _dkdv_step(k, v, dk, dv, Q, DO, LSE, DELTA, rows, d, qt, ot, T, qk_scale, MASK: tl.constexpr):
+        qp, dop = Q + rows[None, :] * qt + d[:, None], DO + rows[:, None] * ot + d[None, :]  # (hd, m), (m, hd)
         if MASK:  # query rows past T: logsumexp +inf, so p = 0
             qT, do = tl.load(qp, mask=rows[None, :] < T, other=0.0), tl.load(dop, mask=rows[:, None] < T, other=0.0)
             lse = tl.load(LSE + rows, mask=rows < T, other=float("inf"))
@@ -206,13 +201,10 @@ if triton is not None:
         v = tl.load(V + keys[:, None] * vt + d[None, :], mask=mask, other=0.0)
         dk, dv = tl.zeros([BN, HD], tl.float32), tl.zeros([BN, HD], tl.float32)
         for m0 in range(0, T // BM * BM, BM):
-            rows = m0 + tl.arange(0, BM)
-            qp, dop = Q + rows[None, :] * qt + d[:, None], DO + rows[:, None] * ot + d[None, :]
-            dk, dv = _dkdv_step(k, v, dk, dv, qp, dop, LSE, DELTA, rows, T, qk_scale, False)
+            dk, dv = _dkdv_step(k, v, dk, dv, Q, DO, LSE, DELTA, m0 + tl.arange(0, BM), d, qt, ot, T, qk_scale, False)
         if T % BM != 0:
-            rows = T // BM * BM + tl.arange(0, TAIL)
-            qp, dop = Q + rows[None, :] * qt + d[:, None], DO + rows[:, None] * ot + d[None, :]
-            dk, dv = _dkdv_step(k, v, dk, dv, qp, dop, LSE, DELTA, rows, T, qk_scale, True)
+            dk, dv = _dkdv_step(k, v, dk, dv, Q, DO, LSE, DELTA, T // BM * BM + tl.arange(0, TAIL), d, qt, ot, T,
+                                qk_scale, True)
         tl.store(DK + keys[:, None] * ot + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
         tl.store(DV + keys[:, None] * ot + d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
 
