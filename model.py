@@ -118,6 +118,15 @@ if triton is not None:
     # backward. Each loop runs over whole blocks, then over one masked tail block of >= 16 rows (tl.dot's least).
 
     @triton.jit
+    def _load_rows(P, rows, stride, d, T):
+        # rows (n, hd) of a (T, hd) matrix with row stride `stride`; rows past T read as 0
+        return tl.load(P + rows[:, None] * stride + d[None, :], mask=rows[:, None] < T, other=0.0)
+
+    @triton.jit
+    def _store_rows(P, rows, stride, d, T, x):
+        tl.store(P + rows[:, None] * stride + d[None, :], x.to(P.dtype.element_ty), mask=rows[:, None] < T)
+
+    @triton.jit
     def _fwd_step(q, m, l, acc, K, V, cols, d, kt, vt, T, qk_scale, MASK: tl.constexpr):
         # one block of keys (hd, n) and values (n, hd) folded into the running max m, sum l and output acc
         kp, vp = K + cols[None, :] * kt + d[:, None], V + cols[:, None] * vt + d[None, :]
@@ -136,15 +145,14 @@ if triton is not None:
     def _fwd_rows(Q, K, V, O, LSE, m0, qt, kt, vt, ot, T, qk_scale, BM: tl.constexpr, BN: tl.constexpr,
                   HD: tl.constexpr, TAIL: tl.constexpr):
         rows, d = m0 + tl.arange(0, BM), tl.arange(0, HD)
-        q = tl.load(Q + rows[:, None] * qt + d[None, :], mask=rows[:, None] < T, other=0.0)
+        q = _load_rows(Q, rows, qt, d, T)
         m = tl.full([BM], float("-inf"), tl.float32)
         l, acc = tl.zeros([BM], tl.float32), tl.zeros([BM, HD], tl.float32)
         for n0 in range(0, T // BN * BN, BN):
             m, l, acc = _fwd_step(q, m, l, acc, K, V, n0 + tl.arange(0, BN), d, kt, vt, T, qk_scale, False)
         if T % BN != 0:
             m, l, acc = _fwd_step(q, m, l, acc, K, V, T // BN * BN + tl.arange(0, TAIL), d, kt, vt, T, qk_scale, True)
-        out = (acc / l[:, None]).to(O.dtype.element_ty)
-        tl.store(O + rows[:, None] * ot + d[None, :], out, mask=rows[:, None] < T)
+        _store_rows(O, rows, ot, d, T, acc / l[:, None])
         tl.store(LSE + rows, m + tl.math.log2(l), mask=rows < T)
 
     @triton.jit
@@ -163,10 +171,7 @@ if triton is not None:
                  BN: tl.constexpr, HD: tl.constexpr, TAIL: tl.constexpr):
         # dq of BM rows; also their delta = rowsum(o * do), which _dkdv_rows reads
         rows, d = m0 + tl.arange(0, BM), tl.arange(0, HD)
-        mask = rows[:, None] < T
-        q = tl.load(Q + rows[:, None] * qt + d[None, :], mask=mask, other=0.0)
-        do = tl.load(DO + rows[:, None] * ot + d[None, :], mask=mask, other=0.0)
-        o = tl.load(O + rows[:, None] * ot + d[None, :], mask=mask, other=0.0)
+        q, do, o = _load_rows(Q, rows, qt, d, T), _load_rows(DO, rows, ot, d, T), _load_rows(O, rows, ot, d, T)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + rows, delta, mask=rows < T)
         lse = tl.load(LSE + rows, mask=rows < T, other=0.0)
@@ -175,7 +180,7 @@ if triton is not None:
             dq = _dq_step(q, do, lse, delta, dq, K, V, n0 + tl.arange(0, BN), d, kt, vt, T, qk_scale, False)
         if T % BN != 0:
             dq = _dq_step(q, do, lse, delta, dq, K, V, T // BN * BN + tl.arange(0, TAIL), d, kt, vt, T, qk_scale, True)
-        tl.store(DQ + rows[:, None] * ot + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
+        _store_rows(DQ, rows, ot, d, T, dq * sm_scale)
 
     @triton.jit
     def _dkdv_step(k, v, dk, dv, Q, DO, LSE, DELTA, rows, d, qt, ot, T, qk_scale, MASK: tl.constexpr):
@@ -196,17 +201,15 @@ if triton is not None:
                    BN: tl.constexpr, HD: tl.constexpr, TAIL: tl.constexpr):
         # dk and dv of BN keys
         keys, d = n0 + tl.arange(0, BN), tl.arange(0, HD)
-        mask = keys[:, None] < T
-        k = tl.load(K + keys[:, None] * kt + d[None, :], mask=mask, other=0.0)
-        v = tl.load(V + keys[:, None] * vt + d[None, :], mask=mask, other=0.0)
+        k, v = _load_rows(K, keys, kt, d, T), _load_rows(V, keys, vt, d, T)
         dk, dv = tl.zeros([BN, HD], tl.float32), tl.zeros([BN, HD], tl.float32)
         for m0 in range(0, T // BM * BM, BM):
             dk, dv = _dkdv_step(k, v, dk, dv, Q, DO, LSE, DELTA, m0 + tl.arange(0, BM), d, qt, ot, T, qk_scale, False)
         if T % BM != 0:
             dk, dv = _dkdv_step(k, v, dk, dv, Q, DO, LSE, DELTA, T // BM * BM + tl.arange(0, TAIL), d, qt, ot, T,
                                 qk_scale, True)
-        tl.store(DK + keys[:, None] * ot + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
-        tl.store(DV + keys[:, None] * ot + d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+        _store_rows(DK, keys, ot, d, T, dk * sm_scale)
+        _store_rows(DV, keys, ot, d, T, dv)
 
     @triton.jit
     def _attn_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, qb, qt, qh, kb, kt, kh, vb, vt, vh, ob, ot, oh, H, T,
