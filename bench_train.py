@@ -30,7 +30,7 @@ import torch
 import drift
 from convnext import ConvNeXt_models
 from model import DiT_models, MAE_models
-from train import FEATURE_COMPILE, GEN_COMPILE, drift_objective, encoder_features, peak_flops
+from train import FEATURE_COMPILE, GEN_COMPILE, drift_objective, encoder_features, memory_budget, peak_flops
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--model", default="B/2", help="DiT_models key")
@@ -48,6 +48,8 @@ parser.add_argument("--cudagraphs", action="store_true", help="torch.compile mod
                     "for the generator, the encoder features and the drift step")
 parser.add_argument("--remat", type=int, nargs="?", const=True, default=0,
                     help="recompute all DiT blocks (or the first K) in the backward (train.py --remat [K])")
+parser.add_argument("--memory_budget", type=float, default=1.0, help="the share of the activations torch.compile "
+                    "saves for the generator's and encoder's backward, recomputing the rest (train.py --memory_budget)")
 parser.add_argument("--profile", action="store_true", help="profile 3 whole steps (the top kernels and ops) "
                     "before timing the parts")
 parser.add_argument("--bound", action="store_true", help="then the step's kernels by kind, and its time if its "
@@ -59,6 +61,8 @@ if not (args.small or torch.cuda.is_available()):
     parser.error("no GPU: this benchmark times GPUs at full size (--small: a CPU smoke run)")
 if args.bound and (args.small or args.no_compile or args.cudagraphs):
     parser.error("--bound needs a GPU and torch.compile without --cudagraphs")
+if args.memory_budget < 1 and (args.small or args.no_compile):
+    parser.error("--memory_budget acts through torch.compile: it needs a GPU and no --no_compile")
 if args.small:
     args.model, args.encoder, args.nc, args.n_pos, args.n_neg, args.n_unc = "T/2", "tiny", 2, 4, 4, 2
     args.iters, args.warmup = 2, 1
@@ -127,7 +131,7 @@ def timed(fn):
 
 
 def train_step():  # as train.py's loop body
-    with autocast:
+    with autocast, memory_budget(args.memory_budget):
         loss, _ = objective(gen_c(noise, labels, alpha_g, style), x_real, alpha)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -138,7 +142,7 @@ def train_step():  # as train.py's loop body
 
 def generator_fwd_bwd():  # each part clears the gradients it makes, as the step does (and CUDA graphs need)
     gen.zero_grad(set_to_none=True)
-    with autocast:
+    with autocast, memory_budget(args.memory_budget):
         x = gen_c(noise, labels, alpha_g, style)
     x.float().square().mean().backward()
 
@@ -153,7 +157,7 @@ x_in = torch.randn(n_gen, *shape, device=device, requires_grad=True)
 
 def encoder_gen_fwd_bwd_to_input():
     x_in.grad = None
-    with autocast:
+    with autocast, memory_budget(args.memory_budget):
         f = features(x_in)
     sum(v.float().mean() for v in f.values()).backward()
 

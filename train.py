@@ -31,6 +31,7 @@ from contextlib import nullcontext
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import numpy as np
 import torch
+import torch._functorch.config  # memory_budget
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -150,7 +151,10 @@ def get_args(argv=None):
                    "whose pace the host's launches set (on in the fmnist preset)")
     p.add_argument("--remat", type=int, nargs="?", const=True, default=0, help="gen: recompute every DiT block "
                    "(--remat) or the first K (--remat K) in the backward (official use_remat), one more block forward "
-                   "each; at the ablation shape K = 3 of B/2's 12 blocks is fastest on an 80 GB H100 (74 GiB)")
+                   "each (on 80 GB cards --memory_budget 0.9 is as fast and takes 10 GiB less than K = 3)")
+    p.add_argument("--memory_budget", type=float, default=1.0, help="gen, compiled: the share of the activations "
+                   "the generator and encoder may save for the backward (torch's activation_memory_budget); below 1, "
+                   "the backward recomputes elementwise ops; 0.9 fits the ablation step in 64 GiB (H100: README)")
     args, _ = p.parse_known_args(argv)
     p.set_defaults(**{**STAGE_DEFAULTS[args.stage], **PRESETS.get(args.preset, {}).get(args.stage, {})})
     args = p.parse_args(argv)
@@ -165,6 +169,7 @@ def get_args(argv=None):
         "--ema_decays in [0, 1)": all(0 <= d < 1 for d in args.ema_decays),
         "--mask_ratio in (0, 1)": 0 < args.mask_ratio < 1,
         "--crop_min in (0, 1]": 0 < args.crop_min <= 1,
+        "--memory_budget in (0, 1]": 0 < args.memory_budget <= 1,
         "--alpha finite": math.isfinite(args.alpha),
         "--fid_n at least 2": args.fid_n >= 2,
     }
@@ -189,6 +194,14 @@ FEATURE_COMPILE = {"triton.persistent_reductions": False}
 # the ablation step 362.4-364.4 against 365.6 ms (NOTES.md, Throughput). The small presets go without: at the
 # Fashion-MNIST shape it added 46 s to a cold compile on an H100, and nothing to a step the host paces.
 GEN_COMPILE = {"triton.mix_order_reduction_autotune_split_size": True}
+
+
+def memory_budget(budget):
+    """A context for the step's forward: torch.compile's partitioner, which chooses what a graph's forward saves for
+    its backward, then keeps at most `budget` of those bytes and recomputes the rest in the backward, the cheapest ops
+    first (torch's activation_memory_budget). It acts on the graphs with a backward, the generator's and the encoder's
+    on the generated samples, each partitioned once, at its compile in the first step."""
+    return torch._functorch.config.patch(activation_memory_budget=budget)
 
 
 def encoder_features(encoder, x, convnext=None):
@@ -289,6 +302,8 @@ def main(argv=None):
     # bf16 autocast on GPU (no GradScaler: bf16 has float32's range); float32 on the CPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     use_compile = device.type == "cuda" and not args.no_compile
+    if args.memory_budget < 1 and not use_compile:
+        raise ValueError("--memory_budget acts through torch.compile: it needs a GPU and no --no_compile")
 
     # ---- data ----
     if args.dataset == "fmnist" and rank == 0:
@@ -509,7 +524,7 @@ def main(argv=None):
             classes, alpha = classes[mine].to(device), alpha[mine].to(device)
             noise = torch.randn(nc * args.n_neg, *data.shape, device=device)
             style = torch.randint(raw_model.style_vocab, (nc * args.n_neg, raw_model.num_style_tokens), device=device)
-            with autocast:
+            with autocast, memory_budget(args.memory_budget):
                 x_gen = model(noise, classes.repeat_interleave(args.n_neg), alpha.repeat_interleave(args.n_neg), style)
                 loss, info = drift_objective(x_gen, x_real, alpha, features, args.n_pos, args.n_unc, args.temperatures,
                                              mean_over_ranks if ddp else None, **ablation)
