@@ -151,7 +151,7 @@ def get_args(argv=None):
                    "whose pace the host's launches set (on in the fmnist preset)")
     p.add_argument("--remat", type=int, nargs="?", const=True, default=0, help="gen: recompute every DiT block "
                    "(--remat) or the first K (--remat K) in the backward (official use_remat), one more block forward "
-                   "each (on 80 GB cards --memory_budget 0.9 is as fast and takes 10 GiB less than K = 3)")
+                   "each (at the ablation shape on an H100, --memory_budget 0.9 ran as fast as K = 3 in 10 GiB less)")
     p.add_argument("--memory_budget", type=float, default=1.0, help="gen, compiled: the share of the activations "
                    "the generator and encoder may save for the backward (torch's activation_memory_budget); below 1, "
                    "the backward recomputes elementwise ops; 0.9 fits the ablation step in 64 GiB (H100: README)")
